@@ -1,0 +1,198 @@
+"""Checkpoint I/O: a directory with config.json, model.safetensors, layerwise.json and tokenizer files.
+
+Writes go to a hidden temporary directory beside the target, renamed into place at the end, so an
+interrupted run never leaves a half checkpoint under the final name. Loading never unpickles
+(safetensors only) and validates every tensor against the model the plan describes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import layerwise
+from layerwise.errors import LayerwiseError
+from layerwise.models import decoder_layers, linear_modules, linear_shape, set_submodule
+from layerwise.quant import QuantLinear
+from layerwise.types import Plan
+
+FORMAT = "layerwise.checkpoint"
+FORMAT_VERSION = 1
+META_FILE = "layerwise.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    tokenizer: Any
+    plan: Plan
+    meta: dict[str, Any]
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output before any work is done, unless the user said --overwrite."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LayerwiseError(f"output {out} already exists; choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise LayerwiseError(f"output {out} exists and is not a directory; remove it or choose another path")
+    return out
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tensors shared between names (tied embeddings) stored once, contiguous."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    *,
+    plan: Plan,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the compressed model atomically; `extra` (scores, report, metrics) goes into layerwise.json."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.config.save_pretrained(tmp)
+        safetensors.torch.save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "plan": plan.to_dict(),
+            **(extra or {}),
+            "versions": {"layerwise": layerwise.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise LayerwiseError(f"checkpoint {path} does not exist; check the path")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise LayerwiseError(
+            f"{path} is not a layerwise checkpoint (no {META_FILE}); pass a plain HF model directory as MODEL instead"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayerwiseError(f"{meta_path} is not valid JSON ({exc}); the checkpoint is damaged, rewrite it") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise LayerwiseError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is unknown; "
+            f"this layerwise reads {FORMAT} version {FORMAT_VERSION} (upgrade layerwise or rewrite the checkpoint)"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild the compressed model from its checkpoint; raises LayerwiseError naming any bad tensor."""
+    path = Path(path)
+    meta = read_meta(path)
+    plan = Plan.from_dict(meta["plan"])
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = decoder_layers(model)
+    if len(layers) != plan.n_layers:
+        raise LayerwiseError(
+            f"{path / META_FILE}: the plan covers {plan.n_layers} layers but config.json has {len(layers)}"
+        )
+    for action, layer in zip(plan.layers, layers, strict=True):
+        for name, module in linear_modules(layer).items():
+            spec = action.module_spec(name)
+            if spec is None:
+                continue
+            out_f, in_f = linear_shape(module)
+            has_bias = getattr(module, "bias", None) is not None
+            set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec, bias=has_bias, dtype=dtype))
+    state = _read_weights(path / WEIGHTS_FILE)
+    _validate_state(model, state, path / WEIGHTS_FILE)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if leftover:
+        raise LayerwiseError(f"{path / WEIGHTS_FILE} lacks tensors {leftover[:5]}; the checkpoint is incomplete")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return Checkpoint(model, tokenizer, plan, meta)
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise LayerwiseError(f"{file} is missing; the checkpoint is incomplete, write it again")
+    try:
+        return safetensors.torch.load_file(file)
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise LayerwiseError(f"{file} cannot be read ({exc}); the file is damaged, rewrite the checkpoint") from None
+
+
+def _validate_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    for name, tensor in expected.items():
+        if name not in state:
+            if name in tied:
+                continue
+            raise LayerwiseError(f"{file}: tensor {name} is missing; the checkpoint is incomplete")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise LayerwiseError(
+                f"{file}: tensor {name} has shape {tuple(state[name].shape)}, the plan needs {tuple(tensor.shape)}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise LayerwiseError(f"{file}: unexpected tensors {unexpected[:5]}; the checkpoint does not match its plan")

@@ -1,0 +1,229 @@
+"""The `layerwise` command line: score, plan, apply, compress, eval.
+
+Every failure the user can fix is a `LayerwiseError`, printed as one line with exit code 2; outputs
+are checked before any slow work starts and written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from layerwise.errors import LayerwiseError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_BITS = 3.25
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="local HF directory, hub id, or the built-in alias smollm2-135m (default)")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wikipedia",
+                   help="calibration text: a built-in corpus (wikipedia, pydoc, britannica) or a UTF-8 text file")
+    p.add_argument("--calib-windows", type=int, default=128, help="number of calibration windows (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=float, default=None,
+                   help="average bits per decoder weight incl. scale/zero overhead (compress default: 3.25)")
+    p.add_argument("--n-low", type=int, default=None,
+                   help="instead of --bits: put exactly this many layers at the low width")
+    p.add_argument("--planner", default="lwq", help="planner (default lwq)")
+    p.add_argument("--high", type=int, default=4, help="bit width of the important layers (default 4)")
+    p.add_argument("--low", type=int, default=2, help="bit width of the other layers (default 2)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group (default 128)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (no stored zero)")
+    p.add_argument("--order", default="importance", choices=["importance", "reverse", "random"],
+                   help="which layers get the high width: most important (default), least, or random")
+    p.add_argument("--seed", type=int, default=0, help="seed for --order random")
+
+
+def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
+    p.add_argument(flag, required=required, help=help_text)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score the importance of every decoder layer")
+    _add_model(p)
+    p.add_argument("--scorer", default="lim", help="importance scorer (lim, zd)")
+    _add_calib(p)
+    _add_output(p, "--json", "where to write the scores JSON")
+
+    p = sub.add_parser("plan", help="turn scores and a budget into a per-layer plan")
+    p.add_argument("--scores", required=True, help="scores JSON written by `layerwise score`")
+    _add_plan_options(p)
+    p.add_argument("--method", default=None, help="method to write into the plan (default: chosen at apply)")
+    _add_output(p, "--out", "where to write the plan JSON")
+
+    p = sub.add_parser("apply", help="quantize a model as a plan says and write a checkpoint")
+    _add_model(p)
+    p.add_argument("--plan", required=True, help="plan JSON (from `layerwise plan`, possibly edited)")
+    p.add_argument("--method", default="rtn", help="quantization method for actions that name none (rtn)")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_output(p, "--out", "checkpoint directory to write")
+
+    p = sub.add_parser("compress", help="score, plan and apply in one step")
+    _add_model(p)
+    p.add_argument("--scorer", default="lim", help="importance scorer (lim, zd)")
+    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
+    _add_plan_options(p)
+    _add_calib(p)
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_output(p, "--out", "checkpoint directory to write")
+
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint by the named protocol")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory, HF directory, hub id or alias")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16384)")
+    p.add_argument("--window", type=int, default=None, help="window length (default: the protocol's 1024)")
+    _add_output(p, "--json", "where to write the result JSON", required=False)
+    return parser
+
+
+def _protocol(max_tokens: int | None = None, window: int | None = None):
+    from dataclasses import replace
+
+    from layerwise.eval import DEFAULT_PROTOCOL
+
+    if max_tokens is None and window is None:
+        return DEFAULT_PROTOCOL
+    changes: dict[str, Any] = {}
+    if max_tokens is not None:
+        changes["max_tokens"] = max_tokens
+    if window is not None:
+        changes["window_len"] = window
+    custom = replace(DEFAULT_PROTOCOL, **changes)
+    return replace(custom, name=f"wiki-{custom.max_tokens}tok-w{custom.window_len}")
+
+
+def _check_json_out(path: str, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise LayerwiseError(f"output {path} already exists; choose another path or pass --overwrite")
+    if not Path(path).parent.exists():
+        raise LayerwiseError(f"directory {Path(path).parent} does not exist; create it or choose another path")
+
+
+def _perplexity(model, tokenizer, progress: bool, label: str) -> float:
+    from layerwise.eval import DEFAULT_PROTOCOL, perplexity
+
+    result = perplexity(model, tokenizer, DEFAULT_PROTOCOL, progress=progress)
+    print(f"perplexity {label}: {result.perplexity:.3f} ({result.protocol}, {result.tokens} tokens)")
+    return result.perplexity
+
+
+def _finish_checkpoint(result, out: str, overwrite: bool, ppl_before: float | None, progress: bool) -> None:
+    from layerwise.api import save
+    from layerwise.eval import DEFAULT_PROTOCOL
+
+    if ppl_before is not None:
+        ppl_after = _perplexity(result.model, result.tokenizer, progress, "after")
+        result.report.metrics.update(perplexity_before=ppl_before, perplexity_after=ppl_after,
+                                     perplexity_protocol=DEFAULT_PROTOCOL.name)
+    print(result.report.to_text())
+    save(result, out, overwrite=overwrite)
+    print(f"wrote {out}")
+
+
+def run(args: argparse.Namespace) -> None:
+    progress = not args.quiet
+    from layerwise import api
+    from layerwise.applier import check_plan_fits
+    from layerwise.checkpoint import check_output_dir
+    from layerwise.types import LayerScores, Plan
+
+    if args.command == "score":
+        _check_json_out(args.json, args.overwrite)
+        scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
+                           calib_len=args.calib_len, progress=progress)
+        scores.save(args.json)
+        for i, value in enumerate(scores.scores):
+            print(f"layer {i:3d}  {args.scorer} {value: .6f}")
+        print(f"wrote {args.json} ({scores.seconds:.1f} s)")
+    elif args.command == "plan":
+        _check_json_out(args.out, args.overwrite)
+        scores = LayerScores.load(args.scores)
+        plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
+                             group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
+                             seed=args.seed, n_low=args.n_low)
+        plan.save(args.out)
+        bits = ", ".join(f"{b}" for b in plan.bits_per_layer())
+        print(f"bits per layer: {bits}\naverage bits (incl. overhead): {plan.avg_bits:.4f}\nwrote {args.out}")
+    elif args.command == "apply":
+        check_output_dir(args.out, args.overwrite)
+        plan = Plan.load(args.plan)
+        from layerwise.loading import load_model
+
+        model, tokenizer = load_model(args.model)
+        check_plan_fits(plan, model)
+        ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
+        result = api.apply(model, plan, args.method, tokenizer=tokenizer, progress=progress)
+        _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
+    elif args.command == "compress":
+        check_output_dir(args.out, args.overwrite)
+        bits = args.bits if args.bits is not None or args.n_low is not None else DEFAULT_BITS
+        from layerwise.loading import load_model
+
+        model, tokenizer = load_model(args.model)
+        ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
+        result = api.compress(model, bits, scorer=args.scorer, planner=args.planner, method=args.method,
+                              group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,
+                              order=args.order, seed=args.seed, n_low=args.n_low, tokenizer=tokenizer,
+                              calib=args.calib, calib_windows=args.calib_windows, calib_len=args.calib_len,
+                              progress=progress)
+        result.report.model = args.model or api.DEFAULT_MODEL
+        _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
+    elif args.command == "eval":
+        if args.json:
+            _check_json_out(args.json, args.overwrite)
+        from layerwise.eval import perplexity
+
+        model, tokenizer = load_any(args.model)
+        result = perplexity(model, tokenizer, _protocol(args.max_tokens, args.window), progress=progress)
+        print(f"perplexity: {result.perplexity:.3f}\nprotocol: {result.protocol_description}\n"
+              f"tokens: {result.tokens}  ({result.seconds:.1f} s)")
+        if args.json:
+            from layerwise.types import write_json_atomic
+
+            write_json_atomic(args.json, {"model": args.model or api.DEFAULT_MODEL, **result.to_dict()})
+            print(f"wrote {args.json}")
+
+
+def load_any(path: str | None):
+    """A layerwise checkpoint if the directory has layerwise.json, else a plain model (dir, hub id, alias)."""
+    from layerwise.checkpoint import is_checkpoint, load_checkpoint
+    from layerwise.loading import load_model
+
+    if path is not None and is_checkpoint(path):
+        ckpt = load_checkpoint(path)
+        if ckpt.tokenizer is None:
+            raise LayerwiseError(f"checkpoint {path} has no tokenizer files; it cannot be evaluated on text")
+        return ckpt.model, ckpt.tokenizer
+    return load_model(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except LayerwiseError as exc:
+        print(f"layerwise: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("layerwise: interrupted; nothing was written under the output name", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Layer-sequential driver: run a model one decoder layer at a time over calibration windows.
+
+The inputs of the first decoder layer are captured once (the model stops right after its embeddings),
+together with the keyword arguments every layer receives (attention masks, rotary embeddings,
+cache positions: they differ per layer on models with sliding-window layers such as gemma3). Then each
+layer runs on all windows, its outputs become the next layer's inputs, and only one layer's inputs and
+outputs are held at a time. Scorers read a step's inputs and outputs; quantizers (GPTQ) may replace the
+layer's modules before the outputs are computed, so the next layer sees the compressed outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerwise.models import decoder_layers, layers_path
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerCall:
+    """The arguments a decoder layer was called with, apart from its hidden-state input."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), kwargs)
+    return kwargs.pop("hidden_states"), LayerCall((), kwargs)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+@torch.inference_mode()
+def capture_inputs(
+    model: nn.Module, windows: torch.Tensor
+) -> tuple[list[torch.Tensor], list[LayerCall]]:
+    """First-layer hidden states for every window, and each layer's call arguments.
+
+    One full forward of the first window records every layer's arguments; the other windows stop at
+    the first layer. All windows have the same length, so the arguments are shared by all of them.
+    """
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    hidden: list[torch.Tensor] = []
+    calls: list[LayerCall | None] = [None] * len(layers)
+    record_all = True
+
+    def pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h, call = _split_hidden(args, kwargs)
+            if index == 0:
+                hidden.append(h.detach().clone())
+            if record_all:
+                calls[index] = call
+            elif index == 0:
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for w, window in enumerate(windows):
+            record_all = w == 0
+            try:
+                model(input_ids=window[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} of {layers_path(model)} were not called in forward")
+    return hidden, [c for c in calls if c is not None]
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer with the inputs it receives from the (possibly already compressed) layers before."""
+
+    index: int
+    name: str
+    layer: nn.Module
+    inputs: list[torch.Tensor]
+    call: LayerCall
+    outputs: list[torch.Tensor] | None = None
+
+    @torch.inference_mode()
+    def run(self) -> list[torch.Tensor]:
+        """The layer's outputs on every input window, as the layer is now."""
+        return [layer_output(self.layer(h, *self.call.args, **self.call.kwargs)) for h in self.inputs]
+
+
+def stream_layers(
+    model: nn.Module, windows: torch.Tensor, *, progress: bool = True, desc: str = "layers"
+) -> Iterator[LayerStep]:
+    """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset)."""
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = capture_inputs(model, windows)
+        prefix = layers_path(model)
+        layers = decoder_layers(model)
+        for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
+            step = LayerStep(i, f"{prefix}.{i}", layers[i], hidden, calls[i])
+            yield step
+            hidden = step.outputs if step.outputs is not None else step.run()
+    finally:
+        model.train(was_training)

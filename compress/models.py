@@ -1,0 +1,126 @@
+"""Model adapter: where the decoder layers, their linear modules, embeddings and head live.
+
+Supported layouts are found by attribute path (llama, qwen2, mistral, gemma3 and phi3 keep layers at
+``model.layers``; gpt2 at ``transformer.h``; opt at ``model.decoder.layers``), with a fallback that
+looks for the one ``nn.ModuleList`` whose length is the config's layer count. Everything else in
+layerwise reaches a model through these functions, so a new architecture is a new path here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from layerwise.errors import LayerwiseError
+from layerwise.types import LinearShapes
+
+LAYER_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "model.language_model.layers",
+    "gpt_neox.layers",
+    "transformer.layers",
+    "transformer.blocks",
+)
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module | None:
+    node: object = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if isinstance(node, nn.Module) else None
+
+
+def _n_layers_from_config(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def layers_path(model: nn.Module) -> str:
+    """Dotted path of the decoder's ``nn.ModuleList`` of layers inside `model`."""
+    for path in LAYER_PATHS:
+        if isinstance(_get_path(model, path), nn.ModuleList):
+            return path
+    n_layers = _n_layers_from_config(model)
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and n_layers is not None and len(module) == n_layers
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    arch = type(model).__name__
+    raise LayerwiseError(
+        f"cannot find the decoder layers of {arch}: no ModuleList at {', '.join(LAYER_PATHS)} "
+        f"and {len(candidates)} candidates of length {n_layers}; layerwise supports llama, qwen2, "
+        "mistral, gemma3, gpt2, opt and phi3 layouts (add the path to layerwise.models.LAYER_PATHS)"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = _get_path(model, layers_path(model))
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """Linear modules of one decoder layer (``nn.Linear`` or GPT-2's ``Conv1D``), by name in the layer.
+
+    Already-quantized modules count too (they expose ``in_features``/``out_features`` and a
+    ``storage_bits`` method), so a compressed model reports the same module list.
+    """
+    return {
+        name: module
+        for name, module in layer.named_modules()
+        if name and (isinstance(module, LINEAR_TYPES) or hasattr(module, "storage_bits"))
+    }
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) whatever the storage convention (Conv1D stores the transpose)."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return int(out_features), int(in_features)
+    return int(module.out_features), int(module.in_features)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), the layout every quantizer works in."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def layer_linear_shapes(model: nn.Module) -> list[LinearShapes]:
+    return [
+        {name: linear_shape(m) for name, m in linear_modules(layer).items()} for layer in decoder_layers(model)
+    ]
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Refuse models that layerwise cannot walk, before any work is done."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise LayerwiseError(
+            f"{getattr(config, 'model_type', type(model).__name__)} is an encoder-decoder model; "
+            "layerwise compresses decoder-only causal LMs"
+        )
+    layers = decoder_layers(model)
+    if not any(linear_modules(layer) for layer in layers):
+        raise LayerwiseError(f"the decoder layers of {type(model).__name__} contain no linear modules")

@@ -1,0 +1,117 @@
+"""Planners turn layer scores and a budget into a `Plan`. Registered by name in `PLANNERS`.
+
+`lwq` is the seed paper's layer-wise quantization ("Layer-Wise Quantization: A Pragmatic and
+Effective Method for Quantizing LLMs Beyond Integer Bit-Levels", Dumitru et al., 2024): rank layers
+by importance, give the top ones the high bit width and the rest the low one, with as many layers
+high as the budget allows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from layerwise.budget import average_bits
+from layerwise.errors import LayerwiseError
+from layerwise.registry import Registry
+from layerwise.types import LayerAction, LayerScores, LinearShapes, Plan, QuantSpec
+
+ORDERS = ("importance", "reverse", "random")
+
+
+@dataclass(frozen=True)
+class LwqConfig:
+    """Two-width plan. Give either `bits` (average budget incl. overhead) or `n_low` (layers at low width)."""
+
+    bits: float | None = None
+    high: int = 4
+    low: int = 2
+    group_size: int = 128
+    sym: bool = False
+    method: str | None = None
+    order: str = "importance"
+    seed: int = 0
+    n_low: int | None = None
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.high, self.group_size)  # validates widths and group size
+        QuantSpec(self.low, self.group_size)
+        if self.high <= self.low:
+            raise LayerwiseError(f"--high ({self.high}) must be larger than --low ({self.low})")
+        if self.order not in ORDERS:
+            raise LayerwiseError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if (self.bits is None) == (self.n_low is None):
+            raise LayerwiseError("give a budget in average bits (--bits) or a number of low-width layers, not both")
+
+
+PlannerFn = Callable[..., Plan]
+PLANNERS: Registry[PlannerFn] = Registry("planner")
+
+
+def layer_order(scores: LayerScores, order: str, seed: int = 0) -> list[int]:
+    """Layer indices from the one that most deserves the high width to the one that least does."""
+    ranking = scores.ranking()
+    if order == "reverse":
+        return ranking[::-1]
+    if order == "random":
+        shuffled = list(range(scores.n_layers))
+        random.Random(seed).shuffle(shuffled)
+        return shuffled
+    return ranking
+
+
+def _two_width_actions(order: list[int], n_high: int, config: LwqConfig) -> list[LayerAction]:
+    high = set(order[:n_high])
+    return [
+        LayerAction(
+            i, "quantize", config.high if i in high else config.low, config.group_size, config.method, config.sym
+        )
+        for i in range(len(order))
+    ]
+
+
+@PLANNERS.register("lwq")
+def plan_lwq(scores: LayerScores, config: LwqConfig) -> Plan:
+    n = scores.n_layers
+    order = layer_order(scores, config.order, config.seed)
+    shapes = scores.linear_shapes
+
+    def cost(n_high: int) -> float:
+        return average_bits(_two_width_actions(order, n_high, config), shapes)
+
+    if config.n_low is not None:
+        if not 0 <= config.n_low <= n:
+            raise LayerwiseError(f"n_low must be between 0 and the number of layers ({n}), got {config.n_low}")
+        n_high = n - config.n_low
+    else:
+        assert config.bits is not None
+        lowest, highest = cost(0), cost(n)
+        if config.bits < lowest - 1e-9:
+            raise LayerwiseError(
+                f"budget {config.bits} bits is below what {config.low}-bit group-{config.group_size} reaches "
+                f"({lowest:.4f} bits per weight with scale/zero overhead); lower --low or raise --bits"
+            )
+        if config.bits > highest + 1e-9:
+            raise LayerwiseError(
+                f"budget {config.bits} bits is above the high width: all layers at {config.high}-bit "
+                f"group-{config.group_size} cost {highest:.4f} bits; raise --high or lower --bits"
+            )
+        # Cost grows with every layer moved to the high width, so the largest feasible count is closest.
+        n_high = max(k for k in range(n + 1) if cost(k) <= config.bits + 1e-9)
+    actions = _two_width_actions(order, n_high, config)
+    return Plan(
+        layers=actions,
+        target_bits=config.bits,
+        avg_bits=average_bits(actions, shapes),
+        made_by={"planner": "lwq", "scorer": scores.scorer, "model": scores.model, **asdict(config)},
+    )
+
+
+def uniform_plan(
+    shapes: list[LinearShapes], bits: int, group_size: int = 128, *, sym: bool = False, method: str | None = None
+) -> Plan:
+    """Every decoder layer at the same width: the baseline every mixed plan is compared with."""
+    actions = [LayerAction(i, "quantize", bits, group_size, method, sym) for i in range(len(shapes))]
+    return Plan(layers=actions, target_bits=None, avg_bits=average_bits(actions, shapes),
+                made_by={"planner": "uniform", "bits": bits, "group_size": group_size, "sym": sym, "method": method})

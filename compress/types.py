@@ -1,0 +1,255 @@
+"""Plain data types that cross module borders: scores, quantization specs, per-layer actions, plans.
+
+All of them are dataclasses that validate themselves on construction and round-trip through JSON
+(`to_dict` / `from_dict`), so a user can read and edit every file layerwise writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerwise.errors import LayerwiseError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_BITS = 16  # scales and zeros are stored as fp16
+ACTIONS = ("keep", "quantize", "prune", "tie")
+
+# (out_features, in_features) of each linear module in one decoder layer, keyed by its name in the layer.
+LinearShapes = dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one linear: `bits`-bit codes in groups of `group_size` input columns.
+
+    Asymmetric (default): w ~ (q - zero) * scale with a fp16 scale and a fp16 zero per group.
+    Symmetric: the zero is fixed at 2**(bits-1) and not stored. A last group shorter than
+    `group_size` (in_features not a multiple of it) gets its own scale and zero.
+    """
+
+    bits: int
+    group_size: int = 128
+    method: str = "rtn"
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise LayerwiseError(
+                f"unsupported bit width {self.bits}; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise LayerwiseError(f"group size must be a positive integer, got {self.group_size!r}")
+
+    def n_groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.group_size)
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Bits one (out_features x in_features) weight takes when packed, overhead included.
+
+        Codes are a per-row bitstream padded to whole 32-bit words; each group adds a fp16 scale and,
+        when asymmetric, a fp16 zero.
+        """
+        words_per_row = math.ceil(in_features * self.bits / 32)
+        per_group = SCALE_BITS * (1 if self.sym else 2)
+        return out_features * (words_per_row * 32 + self.n_groups(in_features) * per_group)
+
+    def label(self) -> str:
+        return f"{self.method}-{self.bits}b-g{self.group_size}{'-sym' if self.sym else ''}"
+
+
+@dataclass
+class LayerAction:
+    """What to do with one decoder layer.
+
+    `action` is `keep` (full precision), `quantize` (then `bits`, `group_size`, `method`, `sym` apply;
+    `method=None` means "whatever `apply` is told"), `prune` or `tie` (to layer `tie_to`).
+    `overrides` maps a module name inside the layer (e.g. ``mlp.down_proj``) to its own spec.
+    """
+
+    layer: int
+    action: str = "quantize"
+    bits: int | None = None
+    group_size: int | None = None
+    method: str | None = None
+    sym: bool = False
+    tie_to: int | None = None
+    overrides: dict[str, QuantSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise LayerwiseError(
+                f"layer {self.layer}: unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}"
+            )
+        if self.action == "quantize":
+            if self.bits is None or self.group_size is None:
+                raise LayerwiseError(f"layer {self.layer}: a quantize action needs bits and group_size")
+            self.spec()  # validates bits and group size
+        if self.action == "tie" and self.tie_to is None:
+            raise LayerwiseError(f"layer {self.layer}: a tie action needs tie_to")
+
+    def spec(self, default_method: str = "rtn") -> QuantSpec | None:
+        if self.action != "quantize":
+            return None
+        assert self.bits is not None and self.group_size is not None
+        return QuantSpec(self.bits, self.group_size, self.method or default_method, self.sym)
+
+    def module_spec(self, module: str, default_method: str = "rtn") -> QuantSpec | None:
+        if module in self.overrides:
+            return self.overrides[module]
+        return self.spec(default_method)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layer": self.layer, "action": self.action}
+        if self.action == "quantize":
+            out.update(bits=self.bits, group_size=self.group_size, method=self.method, sym=self.sym)
+        if self.action == "tie":
+            out["tie_to"] = self.tie_to
+        if self.overrides:
+            out["overrides"] = {name: asdict(spec) for name, spec in self.overrides.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerAction:
+        try:
+            overrides = {k: QuantSpec(**v) for k, v in data.get("overrides", {}).items()}
+            fields = {k: v for k, v in data.items() if k != "overrides"}
+            return cls(**fields, overrides=overrides)
+        except TypeError as exc:
+            raise LayerwiseError(f"malformed layer action {data!r}: {exc}") from None
+
+
+@dataclass
+class LayerScores:
+    """One importance value per decoder layer; higher always means more important.
+
+    `linear_shapes` records each layer's linear shapes so that a plan can be budgeted from the scores
+    file alone, without loading the model again.
+    """
+
+    scorer: str
+    scores: list[float]
+    linear_shapes: list[LinearShapes]
+    model: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    module_scores: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.scores) != len(self.linear_shapes):
+            raise LayerwiseError(
+                f"scores has {len(self.scores)} layers but linear_shapes has {len(self.linear_shapes)}"
+            )
+        self.linear_shapes = [{k: (int(v[0]), int(v[1])) for k, v in s.items()} for s in self.linear_shapes]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.scores)
+
+    def ranking(self) -> list[int]:
+        """Layer indices, most important first (ties broken by layer index)."""
+        return sorted(range(self.n_layers), key=lambda i: (-self.scores[i], i))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "layerwise.scores", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerScores:
+        data = {k: v for k, v in data.items() if k != "format"}
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise LayerwiseError(f"malformed scores: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LayerScores:
+        return cls.from_dict(read_json(path, "scores"))
+
+
+@dataclass
+class Plan:
+    """Per-layer actions plus the budget they meet and how they were made."""
+
+    layers: list[LayerAction]
+    target_bits: float | None = None
+    avg_bits: float | None = None
+    made_by: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for i, action in enumerate(self.layers):
+            if action.layer != i:
+                raise LayerwiseError(
+                    f"plan entry {i} is for layer {action.layer}; entries must list layers 0..N-1 in order"
+                )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def bits_per_layer(self) -> list[int | None]:
+        return [a.bits if a.action == "quantize" else None for a in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "layerwise.plan",
+            "version": self.version,
+            "target_bits": self.target_bits,
+            "avg_bits": self.avg_bits,
+            "made_by": self.made_by,
+            "layers": [a.to_dict() for a in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("format", "layerwise.plan") != "layerwise.plan":
+            raise LayerwiseError(f"not a layerwise plan (format {data.get('format')!r})")
+        if data.get("version", 1) != 1:
+            raise LayerwiseError(f"plan format version {data.get('version')} is unknown; this layerwise reads 1")
+        if not isinstance(data.get("layers"), list):
+            raise LayerwiseError("plan has no 'layers' list")
+        return cls(
+            layers=[LayerAction.from_dict(a) for a in data["layers"]],
+            target_bits=data.get("target_bits"),
+            avg_bits=data.get("avg_bits"),
+            made_by=data.get("made_by", {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        return cls.from_dict(read_json(path, "plan"))
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LayerwiseError(f"{what} file {path} does not exist; check the path")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayerwiseError(f"{what} file {path} is not valid JSON ({exc}); regenerate it") from None
+    if not isinstance(data, dict):
+        raise LayerwiseError(f"{what} file {path} must hold a JSON object")
+    return data
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary sibling, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,84 @@
+"""Scorer interface and the one-pass runner that feeds every scorer from a single layer stream."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerwise.driver import LayerStep, stream_layers
+from layerwise.models import decoder_layers, layer_linear_shapes
+from layerwise.registry import Registry
+from layerwise.types import LayerScores
+
+
+class LayerScorer:
+    """Scores decoder layers one at a time; higher always means more important.
+
+    Subclasses set `name`, say whether they read activations (`needs_activations`), and implement
+    `score_layer`. A scorer that reads activations gets the layer's inputs and outputs on the
+    calibration windows; a weight-only scorer gets `outputs=None` and no calibration pass is run.
+    """
+
+    name: ClassVar[str]
+    needs_activations: ClassVar[bool] = True
+
+    def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
+        raise NotImplementedError
+
+    def module_scores(self) -> dict[str, list[float]]:
+        """Optional per-module (or per-option) values gathered while scoring."""
+        return {}
+
+
+SCORERS: Registry[type[LayerScorer]] = Registry("scorer")
+
+
+def score_model(
+    model: nn.Module,
+    scorers: list[str],
+    windows: torch.Tensor | None = None,
+    *,
+    model_name: str = "",
+    calibration: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, LayerScores]:
+    """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name."""
+    instances = [SCORERS.get(name)() for name in scorers]
+    needs_activations = any(s.needs_activations for s in instances)
+    if needs_activations and windows is None:
+        raise ValueError(f"scorers {scorers} need calibration windows")
+    values: dict[str, list[float]] = {s.name: [] for s in instances}
+    start = time.perf_counter()
+    if needs_activations:
+        assert windows is not None
+        steps = stream_layers(model, windows, progress=progress, desc=f"scoring ({', '.join(scorers)})")
+    else:
+        layers = decoder_layers(model)
+        steps = (
+            LayerStep(i, str(i), layer, [], None)  # type: ignore[arg-type]
+            for i, layer in enumerate(tqdm(layers, desc="scoring", disable=not progress, unit="layer"))
+        )
+    for step in steps:
+        outputs = step.run() if needs_activations else None
+        step.outputs = outputs
+        for scorer in instances:
+            values[scorer.name].append(float(scorer.score_layer(step, outputs)))
+    seconds = time.perf_counter() - start
+    shapes = layer_linear_shapes(model)
+    calib = dict(calibration or {}) if needs_activations else {}
+    return {
+        s.name: LayerScores(
+            scorer=s.name,
+            scores=values[s.name],
+            linear_shapes=shapes,
+            model=model_name,
+            calibration=calib if s.needs_activations else {},
+            module_scores=s.module_scores(),
+            seconds=seconds,
+        )
+        for s in instances
+    }

@@ -1,0 +1,28 @@
+"""Quantization: packed formats, quantizers (registered in `QUANTIZERS`), and the `QuantLinear` module.
+
+Importing this package registers every built-in quantizer; a new method is one module with a
+``@QUANTIZERS.register(name)`` function plus one import line below.
+"""
+
+from layerwise.quant.apply import linear_weight, quantize_module, relative_error
+from layerwise.quant.packing import PackFormat, pack, unpack
+from layerwise.quant.qlinear import QuantLinear
+from layerwise.quant.quantized import QuantizedWeight
+from layerwise.quant.registry import QUANTIZERS, Quantizer
+from layerwise.quant.rtn import group_params, quantize_codes, quantize_rtn
+
+__all__ = [
+    "QUANTIZERS",
+    "PackFormat",
+    "QuantLinear",
+    "QuantizedWeight",
+    "Quantizer",
+    "group_params",
+    "linear_weight",
+    "pack",
+    "quantize_codes",
+    "quantize_module",
+    "quantize_rtn",
+    "relative_error",
+    "unpack",
+]

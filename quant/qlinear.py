@@ -1,0 +1,140 @@
+"""`QuantLinear`: a drop-in replacement for a linear layer whose weight is stored packed.
+
+Its state_dict holds exactly the packed tensors (``qweight``, ``scales``, optional ``zeros`` and
+``bias``), so a quantized checkpoint is loaded by building empty modules of the right shapes
+(`QuantLinear.empty`) and calling ``load_state_dict``; the plain attributes (bits, group size, ...) come
+from the plan, not from the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from layerwise.kernels import torch_ref
+from layerwise.quant.packing import PackFormat, words_per_row
+from layerwise.quant.quantized import QuantizedWeight
+from layerwise.types import QuantSpec
+
+# Buffers whose dtype is part of the format: a whole-model ``.to(torch.bfloat16)`` must not touch them.
+_FIXED_DTYPE_BUFFERS = ("qweight", "scales", "zeros")
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + bias`` with W kept as packed low-bit codes and dequantized on the fly."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Zero-filled buffers of the right shapes; `dtype` is the bias dtype (the weight has none)."""
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = spec.bits
+        self.group_size = spec.group_size
+        self.sym = spec.sym
+        self.method = spec.method
+        self.format = PackFormat.BITSTREAM
+        n_groups = spec.n_groups(in_features)
+        words = words_per_row(in_features, spec.bits)
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        zeros = None if spec.sym else torch.zeros(out_features, n_groups, dtype=torch.float16, device=device)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.method, self.sym)
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> QuantLinear:
+        """A module to `load_state_dict` a saved QuantLinear into (all buffers zero until then)."""
+        return cls(in_features, out_features, spec, bias=bias, dtype=dtype)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Wrap a quantizer's result; `bias` keeps its own dtype and is copied, not shared."""
+        if bias is not None and tuple(bias.shape) != (qw.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {qw.out_features} outputs")
+        module = cls(
+            qw.in_features,
+            qw.out_features,
+            qw.spec,
+            bias=bias is not None,
+            dtype=bias.dtype if bias is not None else torch.float32,
+            device=qw.qweight.device,
+        )
+        module.qweight.copy_(qw.qweight)
+        module.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            assert module.zeros is not None
+            module.zeros.copy_(qw.zeros)
+        if bias is not None:
+            assert module.bias is not None
+            module.bias.copy_(bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch_ref.dequant_matmul(
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.sym,
+            self.bias,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out_features, in_features) weight this module multiplies by."""
+        return torch_ref.dequantize(
+            self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.sym, dtype
+        )
+
+    def storage_bits(self) -> int:
+        """Bits of the quantized weight (codes, scales, zeros); the bias stays full precision and is excluded."""
+        return self.spec.storage_bits(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, method={self.method}, bias={self.bias is not None}"
+        )
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        """Let ``.to(device)`` move the packed buffers but never change their dtype.
+
+        ``model.to(torch.bfloat16)`` would otherwise recast the fp16 scales and zeros, silently losing
+        precision and producing a checkpoint that no longer matches the format.
+        """
+        kept = {name: self._buffers[name] for name in _FIXED_DTYPE_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            assert moved is not None
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        return self
