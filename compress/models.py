@@ -115,12 +115,14 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def check_causal_lm(model: nn.Module) -> None:
     """Refuse models that layerwise cannot walk, before any work is done."""
+    from transformers import PretrainedConfig
+
+    from layerwise.loading import check_causal_config
+
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise LayerwiseError(
-            f"{getattr(config, 'model_type', type(model).__name__)} is an encoder-decoder model; "
-            "layerwise compresses decoder-only causal LMs"
-        )
+    if isinstance(config, PretrainedConfig):
+        name = getattr(config, "_name_or_path", "") or type(model).__name__
+        check_causal_config(config, name, architectures=[type(model).__name__])
     layers = decoder_layers(model)
     if not any(linear_modules(layer) for layer in layers):
         raise LayerwiseError(f"the decoder layers of {type(model).__name__} contain no linear modules")

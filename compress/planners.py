@@ -108,6 +108,9 @@ def plan_lwq(scores: LayerScores, config: LwqConfig) -> Plan:
     )
 
 
+plan_lwq.config_class = LwqConfig  # type: ignore[attr-defined]
+
+
 def uniform_plan(
     shapes: list[LinearShapes], bits: int, group_size: int = 128, *, sym: bool = False, method: str | None = None
 ) -> Plan:
@@ -115,3 +118,7 @@ def uniform_plan(
     actions = [LayerAction(i, "quantize", bits, group_size, method, sym) for i in range(len(shapes))]
     return Plan(layers=actions, target_bits=None, avg_bits=average_bits(actions, shapes),
                 made_by={"planner": "uniform", "bits": bits, "group_size": group_size, "sym": sym, "method": method})
+
+
+# Registration of planners that live in their own modules (imported last: they import this registry).
+from layerwise import optimal  # noqa: E402, F401

@@ -61,6 +61,36 @@ class QuantSpec:
     def label(self) -> str:
         return f"{self.method}-{self.bits}b-g{self.group_size}{'-sym' if self.sym else ''}"
 
+    def option(self) -> str:
+        """The `--options` spelling: ``bits:group_size:method`` plus ``:sym`` when symmetric."""
+        return f"{self.bits}:{self.group_size}:{self.method}{':sym' if self.sym else ''}"
+
+    @classmethod
+    def parse_option(cls, text: str, default_method: str = "rtn", default_group_size: int = 128) -> QuantSpec:
+        """Read ``bits[:group_size[:method[:sym]]]``, e.g. ``3:128``, ``4:64:gptq``, ``4:128:rtn:sym``."""
+        parts = [p.strip() for p in text.strip().split(":")]
+        try:
+            bits = int(parts[0])
+            group_size = int(parts[1]) if len(parts) > 1 and parts[1] else default_group_size
+        except ValueError:
+            raise LayerwiseError(
+                f"cannot read option {text!r}; write bits:group_size[:method[:sym]], e.g. 3:128 or 4:64:gptq"
+            ) from None
+        method = parts[2] if len(parts) > 2 and parts[2] else default_method
+        sym = len(parts) > 3 and parts[3] == "sym"
+        if len(parts) > 4 or (len(parts) > 3 and parts[3] not in ("sym", "asym")):
+            raise LayerwiseError(f"cannot read option {text!r}; the fourth field may only be sym or asym")
+        return cls(bits, group_size, method, sym)
+
+
+def parse_options(text: str | list[str], default_method: str = "rtn", default_group_size: int = 128) -> list[QuantSpec]:
+    """A comma-separated option list (or a list of option strings) as QuantSpecs, duplicates removed."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    specs = [QuantSpec.parse_option(t, default_method, default_group_size) for t in items if t.strip()]
+    if not specs:
+        raise LayerwiseError("the option list is empty; give e.g. --options 2:128,3:128,4:128,8:128")
+    return list(dict.fromkeys(specs))
+
 
 @dataclass
 class LayerAction:
@@ -137,6 +167,9 @@ class LayerScores:
     model: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
     module_scores: dict[str, list[float]] = field(default_factory=dict)
+    # Measured damage of quantizing each layer alone with each option (key: QuantSpec.option()), when the
+    # scorer measures it; the `optimal` planner chooses among these options.
+    option_damage: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     version: int = 1
 

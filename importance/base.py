@@ -25,12 +25,17 @@ class LayerScorer:
 
     name: ClassVar[str]
     needs_activations: ClassVar[bool] = True
+    provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
 
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         raise NotImplementedError
 
     def module_scores(self) -> dict[str, list[float]]:
-        """Optional per-module (or per-option) values gathered while scoring."""
+        """Optional per-module values gathered while scoring."""
+        return {}
+
+    def option_damage(self) -> dict[str, list[float]]:
+        """Optional measured damage per quantization option (key: QuantSpec.option()) and layer."""
         return {}
 
 
@@ -44,10 +49,15 @@ def score_model(
     *,
     model_name: str = "",
     calibration: dict[str, Any] | None = None,
+    scorer_options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, LayerScores]:
-    """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name."""
-    instances = [SCORERS.get(name)() for name in scorers]
+    """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
+
+    `scorer_options` maps a scorer name to keyword arguments for its constructor.
+    """
+    scorer_options = scorer_options or {}
+    instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
     needs_activations = any(s.needs_activations for s in instances)
     if needs_activations and windows is None:
         raise ValueError(f"scorers {scorers} need calibration windows")
@@ -78,6 +88,7 @@ def score_model(
             model=model_name,
             calibration=calib if s.needs_activations else {},
             module_scores=s.module_scores(),
+            option_damage=s.option_damage(),
             seconds=seconds,
         )
         for s in instances

@@ -5,6 +5,8 @@ Importing this package registers every built-in quantizer; a new method is one m
 """
 
 from layerwise.quant.apply import linear_weight, quantize_module, relative_error
+from layerwise.quant.gptq import min_calibration_tokens, quantize_gptq
+from layerwise.quant.hessian import HessianAccumulator
 from layerwise.quant.packing import PackFormat, pack, unpack
 from layerwise.quant.qlinear import QuantLinear
 from layerwise.quant.quantized import QuantizedWeight
@@ -13,14 +15,17 @@ from layerwise.quant.rtn import group_params, quantize_codes, quantize_rtn
 
 __all__ = [
     "QUANTIZERS",
+    "HessianAccumulator",
     "PackFormat",
     "QuantLinear",
     "QuantizedWeight",
     "Quantizer",
     "group_params",
     "linear_weight",
+    "min_calibration_tokens",
     "pack",
     "quantize_codes",
+    "quantize_gptq",
     "quantize_module",
     "quantize_rtn",
     "relative_error",

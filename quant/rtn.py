@@ -102,3 +102,6 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
         out_features=out_features,
         in_features=in_features,
     )
+
+
+quantize_rtn.needs_hessian = False  # read by the driver: RTN needs no calibration Hessians

@@ -130,3 +130,12 @@ def test_not_a_causal_lm_is_refused():
     t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64))
     with pytest.raises(LayerwiseError, match="decoder-only"):
         layerwise.compress(t5, 3.0, calib=random_windows(1, 8), progress=False)
+
+
+def test_encoder_model_object_is_refused():
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=64))
+    with pytest.raises(LayerwiseError, match="decoder-only"):
+        layerwise.compress(bert, 3.0, calib=random_windows(1, 8), progress=False)
