@@ -69,9 +69,11 @@ def plan_needs_calibration(plan: Plan, method: str) -> bool:
     )
 
 
-def _layer_steps(model: nn.Module, windows: torch.Tensor | None, progress: bool) -> Iterator[LayerStep]:
+def _layer_steps(
+    model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool
+) -> Iterator[LayerStep]:
     if windows is not None:
-        yield from stream_layers(model, windows, progress=progress, desc="quantizing")
+        yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing")
         return
     for i, layer in enumerate(tqdm(decoder_layers(model), desc="quantizing", disable=not progress, unit="layer")):
         yield LayerStep(i, str(i), layer, [], LayerCall())
@@ -81,7 +83,9 @@ def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str
     """Run the layer once on its (already compressed upstream) inputs with a Hessian hook per module."""
     if not modules:
         return {}
-    accumulators = {name: HessianAccumulator(linear_shape(m)[1]) for name, m in modules.items()}
+    accumulators = {
+        name: HessianAccumulator(linear_shape(m)[1], device=linear_weight(m).device) for name, m in modules.items()
+    }
     handles = [accumulators[name].hook(m) for name, m in modules.items()]
     try:
         step.run()
@@ -106,6 +110,7 @@ def apply_plan(
     method: str = "rtn",
     *,
     windows: torch.Tensor | None = None,
+    batch_size: int = 1,
     progress: bool = True,
 ) -> list[LayerOutcome]:
     """Quantize `model` in place as `plan` says; `method` fills actions that name none.
@@ -119,7 +124,7 @@ def apply_plan(
     if calibrated and windows is None:
         raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
     outcomes = []
-    for step in _layer_steps(model, windows if calibrated else None, progress):
+    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress):
         action = plan.layers[step.index]
         modules = linear_modules(step.layer)
         specs = {name: action.module_spec(name, default_method=method) for name in modules}

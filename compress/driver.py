@@ -45,14 +45,24 @@ def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split windows into equal batches (the largest size <= `batch_size` that divides their number).
+
+    Equal batches matter: the captured call arguments (attention masks) are shaped for one batch size.
+    """
+    n = windows.shape[0]
+    size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    return list(windows.split(size))
+
+
 @torch.inference_mode()
 def capture_inputs(
-    model: nn.Module, windows: torch.Tensor
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1
 ) -> tuple[list[torch.Tensor], list[LayerCall]]:
-    """First-layer hidden states for every window, and each layer's call arguments.
+    """First-layer hidden states for every batch of windows, and each layer's call arguments.
 
-    One full forward of the first window records every layer's arguments; the other windows stop at
-    the first layer. All windows have the same length, so the arguments are shared by all of them.
+    One full forward of the first batch records every layer's arguments; the other batches stop at
+    the first layer. All batches have the same shape, so the arguments are shared by all of them.
     """
     layers = decoder_layers(model)
     device = next(model.parameters()).device
@@ -74,10 +84,10 @@ def capture_inputs(
 
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for w, window in enumerate(windows):
-            record_all = w == 0
+        for b, batch in enumerate(window_batches(windows, batch_size)):
+            record_all = b == 0
             try:
-                model(input_ids=window[None].to(device), use_cache=False)
+                model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -91,7 +101,10 @@ def capture_inputs(
 
 @dataclass
 class LayerStep:
-    """One decoder layer with the inputs it receives from the (possibly already compressed) layers before."""
+    """One decoder layer with the inputs it receives from the (possibly already compressed) layers before.
+
+    `inputs` holds one hidden-state tensor [batch, length, hidden] per batch of calibration windows.
+    """
 
     index: int
     name: str
@@ -107,13 +120,16 @@ class LayerStep:
 
 
 def stream_layers(
-    model: nn.Module, windows: torch.Tensor, *, progress: bool = True, desc: str = "layers"
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "layers"
 ) -> Iterator[LayerStep]:
-    """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset)."""
+    """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset).
+
+    `batch_size` windows run through a layer together: faster on a GPU, about the same on a CPU.
+    """
     was_training = model.training
     model.eval()
     try:
-        hidden, calls = capture_inputs(model, windows)
+        hidden, calls = capture_inputs(model, windows, batch_size)
         prefix = layers_path(model)
         layers = decoder_layers(model)
         for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):

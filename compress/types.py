@@ -17,6 +17,11 @@ from layerwise.errors import LayerwiseError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales and zeros are stored as fp16
+# The bitsandbytes formats (layerwise.quant.bnb) fix their code width and keep fp32 absmax scales.
+BNB_BITS = {"nf4": 4, "int8": 8}
+BNB_SCALE_BITS = 32
+# NF4 block sizes bitsandbytes takes for 4-bit; 32 is left out: its CUDA kernels accept it only since early 2026.
+NF4_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 ACTIONS = ("keep", "quantize", "prune", "tie")
 
 # (out_features, in_features) of each linear module in one decoder layer, keyed by its name in the layer.
@@ -30,6 +35,10 @@ class QuantSpec:
     Asymmetric (default): w ~ (q - zero) * scale with a fp16 scale and a fp16 zero per group.
     Symmetric: the zero is fixed at 2**(bits-1) and not stored. A last group shorter than
     `group_size` (in_features not a multiple of it) gets its own scale and zero.
+
+    The bitsandbytes methods are absmax formats with no zero, so `sym` does not apply to them:
+    ``nf4`` needs bits 4 and takes `group_size` as the bnb block size (one of `NF4_BLOCKSIZES`);
+    ``int8`` needs bits 8 and scales whole rows, ignoring `group_size`.
     """
 
     bits: int
@@ -44,6 +53,22 @@ class QuantSpec:
             )
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise LayerwiseError(f"group size must be a positive integer, got {self.group_size!r}")
+        self._check_bnb()
+
+    def _check_bnb(self) -> None:
+        """The bitsandbytes methods have one code width each, and NF4 only the block sizes bnb takes."""
+        if self.method not in BNB_BITS:
+            return
+        if self.bits != BNB_BITS[self.method]:
+            raise LayerwiseError(
+                f"method {self.method!r} stores {BNB_BITS[self.method]}-bit codes; set bits to "
+                f"{BNB_BITS[self.method]}, not {self.bits}"
+            )
+        if self.method == "nf4" and self.group_size not in NF4_BLOCKSIZES:
+            raise LayerwiseError(
+                f"nf4 group size {self.group_size} is not a bitsandbytes block size; choose one of "
+                f"{', '.join(map(str, NF4_BLOCKSIZES))}"
+            )
 
     def n_groups(self, in_features: int) -> int:
         return math.ceil(in_features / self.group_size)
@@ -51,9 +76,18 @@ class QuantSpec:
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits one (out_features x in_features) weight takes when packed, overhead included.
 
-        Codes are a per-row bitstream padded to whole 32-bit words; each group adds a fp16 scale and,
-        when asymmetric, a fp16 zero.
+        RTN / GPTQ: codes are a per-row bitstream padded to whole 32-bit words; each group adds a fp16
+        scale and, when asymmetric, a fp16 zero.
+        nf4: 4 bits per weight (two codes a byte over the flattened weight, so an odd count pads half a
+        byte) plus one fp32 absmax per block of `group_size` consecutive weights of the flattened
+        (row-major) matrix -- bitsandbytes' blocks run across row ends. No double quantization.
+        int8: 8 bits per weight plus one fp32 absmax per row; `group_size` plays no part.
         """
+        if self.method == "nf4":
+            n = out_features * in_features
+            return 8 * math.ceil(n / 2) + BNB_SCALE_BITS * math.ceil(n / self.group_size)
+        if self.method == "int8":
+            return out_features * (8 * in_features + BNB_SCALE_BITS)
         words_per_row = math.ceil(in_features * self.bits / 32)
         per_group = SCALE_BITS * (1 if self.sym else 2)
         return out_features * (words_per_row * 32 + self.n_groups(in_features) * per_group)

@@ -27,6 +27,9 @@ class LayerScorer:
     needs_activations: ClassVar[bool] = True
     provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
 
+    def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
+        """Optional whole-model work before the layer stream starts (e.g. one backward pass)."""
+
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         raise NotImplementedError
 
@@ -50,6 +53,7 @@ def score_model(
     model_name: str = "",
     calibration: dict[str, Any] | None = None,
     scorer_options: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 1,
     progress: bool = True,
 ) -> dict[str, LayerScores]:
     """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
@@ -63,9 +67,12 @@ def score_model(
         raise ValueError(f"scorers {scorers} need calibration windows")
     values: dict[str, list[float]] = {s.name: [] for s in instances}
     start = time.perf_counter()
+    for scorer in instances:
+        scorer.prepare(model, windows, batch_size)
     if needs_activations:
         assert windows is not None
-        steps = stream_layers(model, windows, progress=progress, desc=f"scoring ({', '.join(scorers)})")
+        steps = stream_layers(model, windows, batch_size=batch_size, progress=progress,
+                              desc=f"scoring ({', '.join(scorers)})")
     else:
         layers = decoder_layers(model)
         steps = (

@@ -4,6 +4,7 @@ Importing this package registers every built-in quantizer; a new method is one m
 ``@QUANTIZERS.register(name)`` function plus one import line below.
 """
 
+from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
 from layerwise.quant.apply import linear_weight, quantize_module, relative_error
 from layerwise.quant.gptq import min_calibration_tokens, quantize_gptq
 from layerwise.quant.hessian import HessianAccumulator

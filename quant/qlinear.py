@@ -1,9 +1,10 @@
 """`QuantLinear`: a drop-in replacement for a linear layer whose weight is stored packed.
 
-Its state_dict holds exactly the packed tensors (``qweight``, ``scales``, optional ``zeros`` and
+Its state_dict holds exactly the stored tensors (``qweight``, ``scales``, optional ``zeros`` and
 ``bias``), so a quantized checkpoint is loaded by building empty modules of the right shapes
 (`QuantLinear.empty`) and calling ``load_state_dict``; the plain attributes (bits, group size, ...) come
-from the plan, not from the tensors.
+from the plan, not from the tensors. Shapes, dtypes and the dequantization come from the codec of
+``spec.method`` (`layerwise.quant.codecs`), so one module class serves every storage format.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from layerwise.kernels import torch_ref
-from layerwise.quant.packing import PackFormat, words_per_row
+# Imported for its registrations: the nf4 / int8 codecs must exist before a checkpoint naming them loads.
+from layerwise.quant.codecs import allocate, codec_for
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.types import QuantSpec
 
@@ -23,7 +24,10 @@ _FIXED_DTYPE_BUFFERS = ("qweight", "scales", "zeros")
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + bias`` with W kept as packed low-bit codes and dequantized on the fly."""
+    """``y = x @ W.T + bias`` with W kept as packed low-bit codes and dequantized on the fly.
+
+    `format` names the stored layout (``bitstream-v1`` for RTN / GPTQ, ``bnb-nf4``, ``bnb-int8-rowwise``).
+    """
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -47,13 +51,9 @@ class QuantLinear(nn.Module):
         self.group_size = spec.group_size
         self.sym = spec.sym
         self.method = spec.method
-        self.format = PackFormat.BITSTREAM
-        n_groups = spec.n_groups(in_features)
-        words = words_per_row(in_features, spec.bits)
-        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        zeros = None if spec.sym else torch.zeros(out_features, n_groups, dtype=torch.float16, device=device)
-        self.register_buffer("zeros", zeros)
+        self.format = codec_for(spec.method).format
+        for name, buffer in allocate(out_features, in_features, spec, device).items():
+            self.register_buffer(name, buffer)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @property
@@ -96,23 +96,11 @@ class QuantLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch_ref.dequant_matmul(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            self.sym,
-            self.bias,
-        )
+        return codec_for(self.method).matmul(x, self, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module multiplies by."""
-        return torch_ref.dequantize(
-            self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.sym, dtype
-        )
+        return codec_for(self.method).dequantize(self, dtype)
 
     def storage_bits(self) -> int:
         """Bits of the quantized weight (codes, scales, zeros); the bias stays full precision and is excluded."""

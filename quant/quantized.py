@@ -11,19 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from layerwise.errors import LayerwiseError
-from layerwise.kernels import torch_ref
-from layerwise.quant.packing import PackFormat, words_per_row
+from layerwise.quant.codecs import BUFFER_NAMES, codec_for
+from layerwise.quant.packing import PackFormat
 from layerwise.types import QuantSpec
 
 
 @dataclass
 class QuantizedWeight:
-    """A (out_features, in_features) weight as packed codes plus per-group fp16 scales and zeros.
+    """A (out_features, in_features) weight as stored codes plus whatever scales its format keeps.
 
-    `zeros` is None exactly when `spec.sym`: the symmetric zero is the constant 2**(bits-1). Groups are
-    `spec.group_size` consecutive input columns; G = ceil(in_features / group_size) and a last, shorter
-    group has its own scale and zero. Shapes and dtypes are checked on construction so a malformed result
-    fails where it is made, not later inside a matmul.
+    The storage format follows from ``spec.method`` (`layerwise.quant.codecs.codec_for`): for RTN and GPTQ
+    it is ``bitstream-v1`` packed codes with per-group fp16 scales and zeros, `zeros` being None exactly
+    when `spec.sym` (the symmetric zero is the constant 2**(bits-1)); groups are `spec.group_size`
+    consecutive input columns, G = ceil(in_features / group_size), and a last, shorter group has its own
+    scale and zero. The bitsandbytes methods (nf4, int8) keep bitsandbytes' own tensors instead, see
+    `layerwise.quant.bnb`. `format` names the layout and is filled in from the method when not given.
+    Shapes and dtypes are checked on construction so a malformed result fails where it is made, not
+    later inside a matmul.
     """
 
     qweight: torch.Tensor
@@ -32,41 +36,34 @@ class QuantizedWeight:
     spec: QuantSpec
     out_features: int
     in_features: int
-    format: PackFormat = PackFormat.BITSTREAM
+    format: PackFormat | str | None = None
 
     def __post_init__(self) -> None:
-        self.format = PackFormat(self.format)
-        n, k = self.out_features, self.in_features
-        want_q = (n, words_per_row(k, self.spec.bits))
-        want_s = (n, self.spec.n_groups(k))
+        codec = codec_for(self.spec.method)
         problems = []
-        if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != want_q:
-            problems.append(f"qweight must be int32 {want_q}, got {self.qweight.dtype} {tuple(self.qweight.shape)}")
-        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != want_s:
-            problems.append(f"scales must be float16 {want_s}, got {self.scales.dtype} {tuple(self.scales.shape)}")
-        if self.spec.sym and self.zeros is not None:
-            problems.append("a symmetric weight stores no zeros")
-        if not self.spec.sym and (
-            self.zeros is None or self.zeros.dtype != torch.float16 or tuple(self.zeros.shape) != want_s
-        ):
-            got = "None" if self.zeros is None else f"{self.zeros.dtype} {tuple(self.zeros.shape)}"
-            problems.append(f"zeros must be float16 {want_s}, got {got}")
+        name = str(getattr(codec.format, "value", codec.format))
+        if self.format is not None and self.format != codec.format:
+            problems.append(f"method {self.spec.method!r} stores format {name!r}, not {self.format!r}")
+        self.format = codec.format
+        layout = codec.layout(self.out_features, self.in_features, self.spec)
+        for buffer in BUFFER_NAMES:
+            tensor, want = getattr(self, buffer), layout[buffer]
+            if want is None:
+                if tensor is not None:
+                    problems.append(
+                        "a symmetric weight stores no zeros" if buffer == "zeros" and self.spec.sym
+                        else f"format {name!r} stores no {buffer}"
+                    )
+            elif tensor is None or tensor.dtype != want.dtype or tuple(tensor.shape) != want.shape:
+                got = "None" if tensor is None else f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
+                problems.append(f"{buffer} must be {want.describe()}, got {got}")
         if problems:
             raise LayerwiseError(f"inconsistent quantized weight ({self.spec.label()}): " + "; ".join(problems))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight these codes stand for."""
-        return torch_ref.dequantize(
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.spec.bits,
-            self.spec.group_size,
-            self.in_features,
-            self.spec.sym,
-            dtype,
-        )
+        return codec_for(self.spec.method).dequantize(self, dtype)
 
     def storage_bits(self) -> int:
-        """Bits this weight occupies (codes with row padding, scales, zeros), as the planner budgets it."""
+        """Bits this weight occupies (codes with padding, scales, zeros), as the planner budgets it."""
         return self.spec.storage_bits(self.out_features, self.in_features)

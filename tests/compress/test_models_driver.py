@@ -39,3 +39,13 @@ def test_unsupported_model_names_what_is_missing():
     module = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(LayerwiseError, match="cannot find the decoder layers"):
         decoder_layers(module)
+
+
+def test_batched_stream_matches_one_window_at_a_time(arch):
+    model = tiny_model(arch, n_layers=2)
+    windows = random_windows(4, 12)
+    single = [step.run() for step in stream_layers(model, windows, progress=False)]
+    batched = [step.run() for step in stream_layers(model, windows, batch_size=2, progress=False)]
+    for one, two in zip(single, batched, strict=True):
+        assert len(one) == 4 and len(two) == 2 and two[0].shape[0] == 2
+        torch.testing.assert_close(torch.cat(two), torch.cat(one), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,117 @@
+"""Storage formats ("codecs"): which buffers a quantized weight keeps and how they turn back into weights.
+
+Most methods (RTN, GPTQ) differ only in how they *choose* codes, so they share one format, the
+``bitstream-v1`` packing with fp16 group scales and zeros. A method whose storage is different (the
+bitsandbytes NF4 and int8 formats) registers a `Codec` under its method name in `CODECS`; every other
+method gets `BITSTREAM`. `QuantizedWeight` and `QuantLinear` ask `codec_for(spec.method)` for buffer
+shapes and for the dequantization, so neither needs an ``if method == ...`` branch, and checkpoint
+loading (`QuantLinear.empty`) builds the right shapes for any method the plan names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from layerwise.kernels import torch_ref
+from layerwise.quant.packing import PackFormat, words_per_row
+from layerwise.registry import Registry
+from layerwise.types import QuantSpec
+
+BUFFER_NAMES = ("qweight", "scales", "zeros")
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Shape and dtype one stored tensor must have."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')} {self.shape}"
+
+
+class Packed(Protocol):
+    """What a codec reads: both `QuantizedWeight` and `QuantLinear` look like this."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+    @property
+    def spec(self) -> QuantSpec: ...
+
+
+class Codec(ABC):
+    """One storage format: its name, its buffer layout and its dequantization."""
+
+    format: str
+
+    @abstractmethod
+    def layout(self, out_features: int, in_features: int, spec: QuantSpec) -> dict[str, BufferLayout | None]:
+        """Layout of each of `BUFFER_NAMES`; None means the format does not store that buffer."""
+
+    @abstractmethod
+    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out_features, in_features) weight the stored tensors stand for."""
+
+    def matmul(self, x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` in x's dtype; a format with a fused kernel overrides this."""
+        weight = self.dequantize(packed, dtype=x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+class BitstreamCodec(Codec):
+    """``bitstream-v1`` codes with fp16 per-group scales (and zeros unless symmetric): RTN, GPTQ, ..."""
+
+    format = PackFormat.BITSTREAM
+
+    def layout(self, out_features: int, in_features: int, spec: QuantSpec) -> dict[str, BufferLayout | None]:
+        groups = BufferLayout((out_features, spec.n_groups(in_features)), torch.float16)
+        return {
+            "qweight": BufferLayout((out_features, words_per_row(in_features, spec.bits)), torch.int32),
+            "scales": groups,
+            "zeros": None if spec.sym else groups,
+        }
+
+    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        spec = packed.spec
+        return torch_ref.dequantize(
+            packed.qweight, packed.scales, packed.zeros, spec.bits, spec.group_size, packed.in_features, spec.sym, dtype
+        )
+
+    def matmul(self, x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        # Through torch_ref.dequant_matmul, the entry point faster kernels replace.
+        spec = packed.spec
+        return torch_ref.dequant_matmul(
+            x, packed.qweight, packed.scales, packed.zeros, spec.bits, spec.group_size, packed.in_features, spec.sym,
+            bias,
+        )
+
+
+BITSTREAM = BitstreamCodec()
+
+CODECS: Registry[Codec] = Registry("storage format")
+
+
+def codec_for(method: str) -> Codec:
+    """The codec a method registered, else the shared bitstream format."""
+    return CODECS.get(method) if method in CODECS else BITSTREAM
+
+
+def allocate(
+    out_features: int, in_features: int, spec: QuantSpec, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor | None]:
+    """Zero-filled buffers (or None) in the layout `spec`'s codec stores, e.g. to load a checkpoint into."""
+    layout = codec_for(spec.method).layout(out_features, in_features, spec)
+    return {
+        name: None if buf is None else torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+        for name, buf in layout.items()
+    }
