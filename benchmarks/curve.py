@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--only", default=None, help="run only these strategy labels (e.g. optimal,lim,random-0)")
     parser.add_argument("--eval-windows", type=int, default=None, help="smoke tests only: fewer evaluation windows")
     parser.add_argument("--out", default="benchmarks/results/curve.json")
     parser.add_argument("--tokens", default=None,
@@ -108,18 +109,23 @@ def main() -> None:
         results["fp32"] = evaluate(base)
     start = time.perf_counter()
     scores = score_model(base, ["lim", "zd"], windows, batch_size=args.batch_size, progress=True)
-    results["scoring_seconds"] = {"lim+zd": time.perf_counter() - start}
+    results.setdefault("scoring_seconds", {})["lim+zd"] = time.perf_counter() - start
     for method in args.methods.split(","):
         start = time.perf_counter()
-        sensitivity = score_model(base, ["sensitivity"], windows, batch_size=args.batch_size, progress=True,
-                                  scorer_options={"sensitivity": {"options": OPTIONS, "method": method}})
-        scores[f"sensitivity-{method}"] = sensitivity["sensitivity"]
-        results["scoring_seconds"][f"sensitivity-{method}"] = time.perf_counter() - start
-        results.setdefault("option_damage", {})[method] = sensitivity["sensitivity"].option_damage
-        save()
+        if method in results.get("option_damage", {}):  # resumed run: reuse the measured damage
+            zeros = [0.0] * scores["lim"].n_layers
+            scores[f"sensitivity-{method}"] = LayerScores("sensitivity", zeros, scores["lim"].linear_shapes,
+                                                          option_damage=results["option_damage"][method])
+        else:
+            sensitivity = score_model(base, ["sensitivity"], windows, batch_size=args.batch_size, progress=True,
+                                      scorer_options={"sensitivity": {"options": OPTIONS, "method": method}})
+            scores[f"sensitivity-{method}"] = sensitivity["sensitivity"]
+            results["scoring_seconds"][f"sensitivity-{method}"] = time.perf_counter() - start
+            results.setdefault("option_damage", {})[method] = sensitivity["sensitivity"].option_damage
+            save()
         for label, budget, plan in plans_for(scores, method, budgets):
             key = f"{method}|{label}|{budget}"
-            if key in results["runs"]:
+            if key in results["runs"] or (args.only and label not in args.only.split(",")):
                 continue
             same = next((r for r in results["runs"].values() if r["plan"] == plan_key(plan)
                          and r["method"] == method), None)
