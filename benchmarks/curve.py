@@ -192,7 +192,7 @@ def cell(results: dict, method: str, strategy: str, budget: float) -> dict | Non
         return None
     if strategy == "random":
         ppl = statistics.median(r["perplexity"] for r in runs)
-        return {"perplexity": ppl, "avg_bits": statistics.median(r["avg_bits"] for r in runs),
+        return {"perplexity": ppl, "avg_bits": statistics.median(r["avg_bits"] for r in runs), "seeds": len(runs),
                 "seconds": max(r["seconds"] for r in runs), "peak_gib": max(r["peak_gib"] for r in runs)}
     return runs[0]
 
@@ -206,7 +206,8 @@ def markdown(results: dict) -> str:
             cells = []
             for strategy in strategies:
                 c = cell(results, method, strategy, budget)
-                cells.append("" if c is None else f"{c['perplexity']:.2f} ({c['avg_bits']:.2f} b)")
+                seeds = f", {c['seeds']} seed{'s' if c['seeds'] > 1 else ''}" if c and c.get("seeds", 3) < 3 else ""
+                cells.append("" if c is None else f"{c['perplexity']:.2f} ({c['avg_bits']:.2f} b{seeds})")
             if any(cells):
                 lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
     lines += ["", "| method | strategy | budget | avg bits | perplexity | wall s (apply+eval) | peak GiB |",
