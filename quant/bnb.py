@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from layerwise.errors import LayerwiseError
 from layerwise.quant.codecs import CODECS, BufferLayout, Codec, Packed
-from layerwise.quant.quantized import QuantizedWeight
+from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.types import QuantSpec
 
@@ -71,13 +71,7 @@ def _failed(method: str, exc: Exception) -> LayerwiseError:
 
 
 def _float_weight(weight: torch.Tensor, method: str) -> torch.Tensor:
-    if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise LayerwiseError(
-            f"{method} expects a 2-D float weight (out_features, in_features), got {weight.dtype} "
-            f"of shape {tuple(weight.shape)}"
-        )
-    if not torch.isfinite(weight).all():
-        raise LayerwiseError("the weight contains NaN or inf values; it cannot be quantized")
+    check_weight(weight, method)
     # A copy, so that nothing bitsandbytes does in place can reach the model's own weight.
     return weight.detach().to(torch.float32, copy=True).contiguous()
 

@@ -34,7 +34,7 @@ import torch
 
 from layerwise.errors import LayerwiseError
 from layerwise.quant.packing import pack
-from layerwise.quant.quantized import QuantizedWeight
+from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.quant.rtn import group_params, quantize_codes
 from layerwise.types import QuantSpec
@@ -63,19 +63,13 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor | None, damp: floa
             "GPTQ needs calibration inputs: pass the linear's input Hessian (collect it with "
             "HessianAccumulator over calibration forwards), or use method 'rtn', which needs none"
         )
-    if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise LayerwiseError(
-            f"GPTQ expects a 2-D float weight (out_features, in_features), got {weight.dtype} "
-            f"of shape {tuple(weight.shape)}"
-        )
+    check_weight(weight, "GPTQ")
     in_features = weight.shape[1]
     if tuple(hessian.shape) != (in_features, in_features):
         raise LayerwiseError(
             f"the Hessian has shape {tuple(hessian.shape)} but the weight has {in_features} inputs; "
             f"it must be ({in_features}, {in_features})"
         )
-    if not torch.isfinite(weight).all():
-        raise LayerwiseError("the weight contains NaN or inf values; it cannot be quantized")
     if not torch.isfinite(hessian).all():
         raise LayerwiseError(
             "the Hessian contains NaN or inf values: the calibration activations overflowed; "

@@ -67,3 +67,14 @@ class QuantizedWeight:
     def storage_bits(self) -> int:
         """Bits this weight occupies (codes with padding, scales, zeros), as the planner budgets it."""
         return self.spec.storage_bits(self.out_features, self.in_features)
+
+
+def check_weight(weight: torch.Tensor, method: str) -> None:
+    """Refuse what no quantizer can use: anything but a finite 2-D float (out_features, in_features) weight."""
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise LayerwiseError(
+            f"{method} expects a 2-D float weight (out_features, in_features), got {weight.dtype} "
+            f"of shape {tuple(weight.shape)}"
+        )
+    if not torch.isfinite(weight).all():
+        raise LayerwiseError("the weight contains NaN or inf values; it cannot be quantized")

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from layerwise.errors import LayerwiseError
 from layerwise.quant.packing import pack
-from layerwise.quant.quantized import QuantizedWeight
+from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.types import QuantSpec
 
@@ -77,13 +76,7 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     The weight is (out_features, in_features); groups run along in_features.
     """
     del hessian  # RTN uses no calibration data; the argument keeps the common quantizer signature
-    if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise LayerwiseError(
-            f"RTN expects a 2-D float weight (out_features, in_features), got {weight.dtype} "
-            f"of shape {tuple(weight.shape)}"
-        )
-    if not torch.isfinite(weight).all():
-        raise LayerwiseError("the weight contains NaN or inf values; it cannot be quantized")
+    check_weight(weight, "RTN")
     out_features, in_features = weight.shape
     n_groups = spec.n_groups(in_features)
     width = spec.group_size if n_groups > 1 else in_features
