@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.applier import apply_plan, check_plan_fits, plan_needs_calibration, resolve_methods
+from layerwise.applier import (
+    apply_plan,
+    check_plan_fits,
+    method_needs_hessian,
+    plan_needs_calibration,
+    resolve_methods,
+)
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
 from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
@@ -211,7 +217,7 @@ def compress(
     dry_damage = {o.option(): zeros for o in parse_options(options, method)} if options else {}
     make_plan(LayerScores("budget-check", zeros, shapes, option_damage=dry_damage), bits, **plan_options)
     calib_summary: dict[str, Any] = {}
-    if scorer_cls.needs_activations or getattr(QUANTIZERS.get(method), "needs_hessian", False):
+    if scorer_cls.needs_activations or method_needs_hessian(method):
         # Tokenize once; the scorer and the quantizer read the same windows.
         calib, calib_summary = _calibration(tokenizer, calib, calib_windows, calib_len, f"{scorer!r} with {method!r}")
     scores = score(model, scorer, tokenizer=tokenizer, calib=calib, calib_windows=calib_windows,

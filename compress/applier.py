@@ -56,8 +56,13 @@ def _action_specs(action) -> list[QuantSpec]:
     return [s for s in [base, *action.overrides.values()] if s is not None]
 
 
+def method_needs_hessian(method: str) -> bool:
+    """Whether quantizer `method` reads calibration activations (its `needs_hessian` capability flag)."""
+    return bool(getattr(QUANTIZERS.get(method), "needs_hessian", False))
+
+
 def needs_hessian(spec: QuantSpec | None) -> bool:
-    return spec is not None and bool(getattr(QUANTIZERS.get(spec.method), "needs_hessian", False))
+    return spec is not None and method_needs_hessian(spec.method)
 
 
 def plan_needs_calibration(plan: Plan, method: str) -> bool:
