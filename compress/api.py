@@ -92,11 +92,16 @@ def score(
                        scorer_options={scorer: kwargs}, progress=progress)[scorer]
 
 
+def default_planner(provides_option_damage: bool) -> str:
+    """`optimal` where the scores measured damage per option (sensitivity), else the seed's `lwq`."""
+    return "optimal" if provides_option_damage else "lwq"
+
+
 def make_plan(
     scores: LayerScores,
     bits: float | None = 3.25,
     *,
-    planner: str = "lwq",
+    planner: str | None = None,
     high: int = 4,
     low: int = 2,
     group_size: int = 128,
@@ -110,8 +115,10 @@ def make_plan(
     """Turn scores and a budget (average bits per decoder weight, overhead included) into a plan.
 
     `lwq` reads `high`, `low`, `group_size`, `sym`, `order`, `seed`, `n_low`; `optimal` reads `options`
-    (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the scores measured).
+    (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the scores measured). `planner` defaults
+    to `optimal` when the scores carry measured damage per option, else `lwq`.
     """
+    planner = planner or default_planner(bool(scores.option_damage))
     plan_fn = PLANNERS.get(planner)
     if method is not None:
         QUANTIZERS.get(method)
@@ -162,9 +169,9 @@ def compress(
     model_or_path: nn.Module | str | None = None,
     bits: float | None = 3.25,
     *,
-    scorer: str = "lim",
-    planner: str = "lwq",
-    method: str = "rtn",
+    scorer: str = "sensitivity",
+    planner: str | None = None,
+    method: str = "gptq",
     group_size: int = 128,
     high: int = 4,
     low: int = 2,
@@ -185,12 +192,15 @@ def compress(
     `model_or_path`: an ``AutoModelForCausalLM`` (pass its `tokenizer` for scorers that read text), a
     local HF directory, a hub id, or None / ``"smollm2-135m"`` for the built-in default model.
     `bits`: average bits per decoder weight including scale/zero overhead (non-integer is the point).
-    `planner="optimal"` with `scorer="sensitivity"` measures every option in `options` (default
-    ``2:128,3:128,4:128,8:128``, each with `method` unless it names one) and picks the least damaging
-    mix that fits `bits`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`.
+    The default (`scorer="sensitivity"`, planner `optimal`, `method="gptq"`) measures the damage of
+    every option in `options` (default ``DEFAULT_OPTIONS``, each with `method` unless it names one) on
+    each layer and picks the least damaging mix that fits `bits`: the lowest perplexity measured
+    (docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
+    to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`.
     """
     # Validate every name, then the budget against the model's shapes, before the slow steps run.
     scorer_cls = SCORERS.get(scorer)
+    planner = planner or default_planner(scorer_cls.provides_option_damage)
     plan_fn = PLANNERS.get(planner)
     QUANTIZERS.get(method)
     plan_needs_options = "options" in {f.name for f in fields(plan_fn.config_class)}  # type: ignore[attr-defined]

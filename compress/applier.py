@@ -12,8 +12,15 @@ from tqdm.auto import tqdm
 
 from layerwise.driver import LayerCall, LayerStep, stream_layers
 from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers, linear_modules, linear_shape, linear_weight, set_submodule
-from layerwise.quant import QUANTIZERS, HessianAccumulator, min_calibration_tokens, quantize_module, relative_error
+from layerwise.models import decoder_layers, linear_modules, linear_weight, set_submodule
+from layerwise.quant import (
+    QUANTIZERS,
+    SharedInputHessians,
+    dense_weights,
+    min_calibration_tokens,
+    quantize_modules,
+    relative_error,
+)
 from layerwise.types import Plan, QuantSpec
 
 
@@ -85,27 +92,28 @@ def _layer_steps(
 
 
 def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Run the layer once on its (already compressed upstream) inputs with a Hessian hook per module."""
+    """Run the layer once on its (already compressed upstream) inputs, collecting each module's Hessian.
+
+    Modules that read the same input tensor (q/k/v, gate/up) get the same Hessian object.
+    """
     if not modules:
         return {}
-    accumulators = {
-        name: HessianAccumulator(linear_shape(m)[1], device=linear_weight(m).device) for name, m in modules.items()
-    }
-    handles = [accumulators[name].hook(m) for name, m in modules.items()]
-    try:
+    with SharedInputHessians(modules) as collector:
         step.run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, acc in accumulators.items():
-        needed = min_calibration_tokens(acc.in_features)
-        if acc.n_tokens < needed:
+    return checked_hessians(step.index, collector)
+
+
+def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor]:
+    """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
+    for name, (n_tokens, in_features) in collector.token_counts().items():
+        needed = min_calibration_tokens(in_features)
+        if n_tokens < needed:
             warnings.warn(
-                f"layer {step.index} {name}: {acc.n_tokens} calibration tokens for {acc.in_features} inputs; "
+                f"layer {layer} {name}: {n_tokens} calibration tokens for {in_features} inputs; "
                 f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
-                stacklevel=2,
+                stacklevel=3,
             )
-    return {name: acc.hessian for name, acc in accumulators.items()}
+    return collector.hessians()
 
 
 @torch.no_grad()
@@ -135,15 +143,16 @@ def apply_plan(
         specs = {name: action.module_spec(name, default_method=method) for name in modules}
         hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
         outcome = LayerOutcome(action.layer, specs=specs)
-        for name, module in modules.items():
-            spec = specs[name]
-            if spec is None:
-                continue
-            weight = linear_weight(module).detach()
-            qlinear = quantize_module(module, spec, hessians.get(name))
+        names = [name for name in modules if specs[name] is not None]
+        jobs = [(modules[name], specs[name], hessians.get(name)) for name in names]
+        for name, qlinear in zip(names, quantize_modules(jobs), strict=True):  # type: ignore[arg-type]
+            weight = linear_weight(modules[name]).detach()
             outcome.errors[name] = relative_error(weight, qlinear)
             outcome.sq_norms[name] = float(weight.double().pow(2).sum())
             set_submodule(step.layer, name, qlinear)
+        if calibrated:  # the next layer's inputs, through this layer as now quantized
+            with dense_weights(step.layer.modules()):
+                step.outputs = step.run()
         outcomes.append(outcome)
     return outcomes
 

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.errors import LayerwiseError
+from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -26,8 +28,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wikipedia",
                    help="calibration text: a built-in corpus (wikipedia, pydoc, britannica) or a UTF-8 text file")
-    p.add_argument("--calib-windows", type=int, default=128, help="number of calibration windows (default 128)")
-    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS,
+                   help=f"number of calibration windows (default {DEFAULT_CALIB_WINDOWS})")
+    p.add_argument("--calib-len", type=int, default=DEFAULT_CALIB_LEN,
+                   help=f"tokens per calibration window (default {DEFAULT_CALIB_LEN})")
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -35,7 +39,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="average bits per decoder weight incl. scale/zero overhead (compress default: 3.25)")
     p.add_argument("--n-low", type=int, default=None,
                    help="instead of --bits: put exactly this many layers at the low width")
-    p.add_argument("--planner", default="lwq", help=f"planner: {_names('planner')} (default lwq)")
+    p.add_argument("--planner", default=None,
+                   help=f"planner: {_names('planner')} (default: optimal if the scorer measured damage per "
+                        "option, e.g. sensitivity; else lwq)")
     p.add_argument("--high", type=int, default=4, help="bit width of the important layers (default 4)")
     p.add_argument("--low", type=int, default=2, help="bit width of the other layers (default 2)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group (default 128)")
@@ -45,7 +51,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --order random")
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
-                        "(default: 2:128,3:128,4:128,8:128 for compress; every measured option for plan)")
+                        f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
 
 
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="lim", help=f"importance scorer: {_names('scorer')} (default lim)")
     p.add_argument("--options", default=None,
                    help="options the sensitivity scorer measures, bits:group[:method[:sym]] comma-separated "
-                        "(default 2:128,3:128,4:128,8:128)")
+                        f"(default {DEFAULT_OPTIONS})")
     p.add_argument("--method", default="rtn", help="method of options that name none (sensitivity scorer)")
     _add_calib(p)
     _add_output(p, "--json", "where to write the scores JSON")
@@ -98,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--uniform", type=int, default=None, metavar="BITS",
                    help="skip scoring and planning: every layer at BITS bits with --group-size")
-    p.add_argument("--scorer", default="lim", help=f"importance scorer: {_names('scorer')} (default lim)")
-    p.add_argument("--method", default="rtn", help=f"quantization method: {_names('method')} (default rtn)")
+    p.add_argument("--scorer", default="sensitivity",
+                   help=f"importance scorer: {_names('scorer')} (default sensitivity)")
+    p.add_argument("--method", default="gptq", help=f"quantization method: {_names('method')} (default gptq)")
     _add_plan_options(p)
     _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")

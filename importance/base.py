@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -27,8 +28,24 @@ class LayerScorer:
     needs_activations: ClassVar[bool] = True
     provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
 
+    def windows_needed(self) -> int | None:
+        """How many of the calibration windows this scorer reads (None: all of them).
+
+        The layer stream runs on the most any scorer needs, so a scorer that measures on a subset does
+        not pay for advancing every window through every layer.
+        """
+        return None
+
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         """Optional whole-model work before the layer stream starts (e.g. one backward pass)."""
+
+    def observe(self, step: LayerStep) -> AbstractContextManager[object]:
+        """Optional context around the layer's reference run, e.g. hooks that read its modules' inputs.
+
+        Entered just before the stream runs the (unmodified) layer on its windows, left right after;
+        `score_layer` follows with the outputs.
+        """
+        return nullcontext()
 
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         raise NotImplementedError
@@ -67,6 +84,10 @@ def score_model(
         raise ValueError(f"scorers {scorers} need calibration windows")
     values: dict[str, list[float]] = {s.name: [] for s in instances}
     start = time.perf_counter()
+    if needs_activations and windows is not None:
+        wanted = [s.windows_needed() for s in instances if s.needs_activations]
+        if None not in wanted:
+            windows = windows[: max(n for n in wanted if n is not None)]
     for scorer in instances:
         scorer.prepare(model, windows, batch_size)
     if needs_activations:
@@ -80,13 +101,18 @@ def score_model(
             for i, layer in enumerate(tqdm(layers, desc="scoring", disable=not progress, unit="layer"))
         )
     for step in steps:
-        outputs = step.run() if needs_activations else None
+        with ExitStack() as observing:
+            for scorer in instances:
+                observing.enter_context(scorer.observe(step))
+            outputs = step.run() if needs_activations else None
         step.outputs = outputs
         for scorer in instances:
             values[scorer.name].append(float(scorer.score_layer(step, outputs)))
     seconds = time.perf_counter() - start
     shapes = layer_linear_shapes(model)
     calib = dict(calibration or {}) if needs_activations else {}
+    if calib and windows is not None:  # what was read, after trimming to the scorers' needs
+        calib.update(windows=int(windows.shape[0]), tokens=int(windows.numel()))
     return {
         s.name: LayerScores(
             scorer=s.name,

@@ -18,25 +18,33 @@ how well, against measured perplexity); the `optimal` planner minimises that sum
 error itself is measured, not modelled: error feedback (GPTQ), partial groups and outliers are all in it.
 The layer score (higher = more important) is the damage of the cheapest option, so `lwq` can rank by it.
 
-Cost: one forward and backward pass over `damage_windows` windows (a subset of the calibration windows),
-then per layer one run per option on those windows (the stream itself advances on all of them). GPTQ
-options collect the layer's Hessians once, on the same subset.
+Cost: one forward and backward pass over `damage_windows` windows (the first of the calibration windows),
+then per layer one reference run and one run per option on those windows; the stream advances only them
+unless another scorer in the same pass reads more. GPTQ options use Hessians collected during that
+reference run (on every streamed window), shared by modules that read the same input.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from layerwise.applier import checked_hessians, needs_hessian
 from layerwise.driver import LayerStep, layer_output
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.models import decoder_layers, linear_modules, set_submodule
+from layerwise.quant import SharedInputHessians, dense_weights, quantize_modules
 from layerwise.types import QuantSpec, parse_options
 
-DEFAULT_OPTIONS = "2:128,3:128,4:128,8:128"
+# 3- and 4-bit at group 256 as well as 128: at group 128 a 3-bit layer costs 3.27 bits on the default
+# model (partial last groups), so a 3.25 budget would force some layers down to 2 bits, which this model
+# does not survive; the 256 options let the planner stay at 3 bits (docs/RESULTS.md).
+DEFAULT_OPTIONS = "2:128,3:128,3:256,4:128,4:256,8:128"
 DEFAULT_DAMAGE_WINDOWS = 32
 
 
@@ -59,17 +67,24 @@ class SensitivityScorer(LayerScorer):
         self.damage_windows = damage_windows
         self._damage: dict[str, list[float]] = {o.option(): [] for o in self.options}
         self._fisher: list[torch.Tensor] = []
+        self._collector: SharedInputHessians | None = None
+
+    def windows_needed(self) -> int:
+        return self.damage_windows
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         assert windows is not None
         self._fisher = output_fisher(model, windows[: self.damage_windows], batch_size)
 
+    def observe(self, step: LayerStep) -> AbstractContextManager[object]:
+        # GPTQ options need the layer's Hessians: collected during the stream's own reference run.
+        if not any(needs_hessian(o) for o in self.options):
+            return nullcontext()
+        self._collector = SharedInputHessians(linear_modules(step.layer))
+        return self._collector
+
     @torch.inference_mode()
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
-        # Local imports: the applier imports the quantizers, which need not load for other scorers.
-        from layerwise.applier import collect_hessians, needs_hessian
-        from layerwise.quant import quantize_module
-
         assert outputs is not None
         per_batch = step.inputs[0].shape[0]
         n = min(len(step.inputs), -(-self.damage_windows // per_batch))  # batches covering damage_windows
@@ -77,16 +92,20 @@ class SensitivityScorer(LayerScorer):
         reference = outputs[:n]
         modules = linear_modules(step.layer)
         hessians: dict[str, torch.Tensor] = {}
-        if any(needs_hessian(o) for o in self.options):
-            hessians = collect_hessians(subset, modules)
+        if self._collector is not None:
+            hessians = checked_hessians(step.index, self._collector)
+            self._collector = None
         fisher = self._fisher[step.index].to(reference[0].device, torch.float64)
         n_tokens = sum(y.shape[0] * y.shape[1] for y in reference)
+        jobs = [
+            (module, option, hessians.get(name) if needs_hessian(option) else None)
+            for option in self.options
+            for name, module in modules.items()
+        ]
+        quantized = iter(quantize_modules(jobs))
         for option in self.options:
-            quantized = {
-                name: quantize_module(m, option, hessians.get(name) if needs_hessian(option) else None)
-                for name, m in modules.items()
-            }
-            with _swapped(step.layer, quantized):
+            replacements = {name: next(quantized) for name in modules}
+            with _swapped(step.layer, replacements), dense_weights(replacements.values()):
                 weighted = sum(
                     float(((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
                            * fisher).sum())
@@ -104,7 +123,10 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> l
     """Per decoder layer, the mean over tokens of the squared gradient of the NLL w.r.t. its output.
 
     One forward and backward pass over `windows`; parameters do not get gradients (only the hidden
-    states do), and every hook and flag is restored afterwards.
+    states do), and every hook and flag is restored afterwards. Each decoder layer runs under activation
+    checkpointing: only its input is kept for the backward pass, which recomputes the layer's internals,
+    so memory holds one layer's activations instead of all of them (one extra forward, 1.6 GB less peak
+    memory on the default model).
     """
     layers = decoder_layers(model)
     device = next(model.parameters()).device
@@ -129,22 +151,36 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> l
     handles = [layers[0].register_forward_pre_hook(make_input_require_grad, with_kwargs=True)]
     handles += [layer.register_forward_hook(keep_grad(i)) for i, layer in enumerate(layers)]
     try:
+        for layer in layers:
+            layer.forward = _checkpointed(layer.forward)
         for p, _ in flags:
             p.requires_grad_(False)
         with torch.enable_grad():
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                                       reduction="sum")
+                logits = model(input_ids=batch, use_cache=False).logits
+                # Targets shifted in place of the logits: slicing off the last position would copy the
+                # (tokens x vocab) logits, the largest tensors of the pass, once forward and once backward.
+                targets = torch.full_like(batch, -100)
+                targets[:, :-1] = batch[:, 1:]
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
                 loss.backward()
                 n_tokens += batch.shape[0] * batch.shape[1]
     finally:
         for handle in handles:
             handle.remove()
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # back to the class's forward
         for p, flag in flags:
             p.requires_grad_(flag)
     return [s / n_tokens for s in sums]
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 class _swapped:

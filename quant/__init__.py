@@ -5,11 +5,11 @@ Importing this package registers every built-in quantizer; a new method is one m
 """
 
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
-from layerwise.quant.apply import linear_weight, quantize_module, relative_error
-from layerwise.quant.gptq import min_calibration_tokens, quantize_gptq
-from layerwise.quant.hessian import HessianAccumulator
+from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error
+from layerwise.quant.gptq import HessianFactor, min_calibration_tokens, quantize_gptq, quantize_gptq_shared
+from layerwise.quant.hessian import HessianAccumulator, SharedInputHessians
 from layerwise.quant.packing import PackFormat, pack, unpack
-from layerwise.quant.qlinear import QuantLinear
+from layerwise.quant.qlinear import QuantLinear, dense_weights
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import group_params, quantize_codes, quantize_rtn
@@ -17,17 +17,22 @@ from layerwise.quant.rtn import group_params, quantize_codes, quantize_rtn
 __all__ = [
     "QUANTIZERS",
     "HessianAccumulator",
+    "HessianFactor",
     "PackFormat",
     "QuantLinear",
     "QuantizedWeight",
     "Quantizer",
+    "SharedInputHessians",
+    "dense_weights",
     "group_params",
     "linear_weight",
     "min_calibration_tokens",
     "pack",
     "quantize_codes",
     "quantize_gptq",
+    "quantize_gptq_shared",
     "quantize_module",
+    "quantize_modules",
     "quantize_rtn",
     "relative_error",
     "unpack",

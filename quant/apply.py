@@ -13,8 +13,27 @@ from torch import nn
 from layerwise.errors import LayerwiseError
 from layerwise.models import LINEAR_TYPES, linear_weight
 from layerwise.quant.qlinear import QuantLinear
+from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.types import QuantSpec
+
+
+def _check_linear(module: nn.Module) -> torch.Tensor:
+    if not isinstance(module, LINEAR_TYPES):
+        raise LayerwiseError(
+            f"cannot quantize a {type(module).__name__}; only nn.Linear and transformers Conv1D are supported"
+        )
+    return linear_weight(module).detach()
+
+
+def _wrap(module: nn.Module, weight: torch.Tensor, qw: QuantizedWeight, method: str) -> QuantLinear:
+    if (qw.out_features, qw.in_features) != tuple(weight.shape):
+        raise LayerwiseError(
+            f"quantizer {method!r} returned a {qw.out_features}x{qw.in_features} weight for a "
+            f"{weight.shape[0]}x{weight.shape[1]} module"
+        )
+    bias = getattr(module, "bias", None)
+    return QuantLinear.from_quantized(qw, None if bias is None else bias.detach())
 
 
 def quantize_module(module: nn.Module, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantLinear:
@@ -23,20 +42,34 @@ def quantize_module(module: nn.Module, spec: QuantSpec, hessian: torch.Tensor | 
     The method is looked up by ``spec.method`` in `QUANTIZERS`; `hessian` is passed through to it. The
     bias, if any, is copied unquantized in its original dtype.
     """
-    if not isinstance(module, LINEAR_TYPES):
-        raise LayerwiseError(
-            f"cannot quantize a {type(module).__name__}; only nn.Linear and transformers Conv1D are supported"
-        )
-    weight = linear_weight(module).detach()
-    quantizer = QUANTIZERS.get(spec.method)
-    qw = quantizer(weight, spec, hessian)
-    if (qw.out_features, qw.in_features) != tuple(weight.shape):
-        raise LayerwiseError(
-            f"quantizer {spec.method!r} returned a {qw.out_features}x{qw.in_features} weight for a "
-            f"{weight.shape[0]}x{weight.shape[1]} module"
-        )
-    bias = getattr(module, "bias", None)
-    return QuantLinear.from_quantized(qw, None if bias is None else bias.detach())
+    weight = _check_linear(module)
+    return _wrap(module, weight, QUANTIZERS.get(spec.method)(weight, spec, hessian), spec.method)
+
+
+def quantize_modules(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | None]]) -> list[QuantLinear]:
+    """`quantize_module` for each (module, spec, hessian) job, sharing work between jobs where it can.
+
+    Jobs whose method can quantize several weights in one pass (its quantizer's `shared` capability, GPTQ)
+    and that use the same Hessian object and group size run together: on a llama layer that is one
+    sweep for q/k/v and one for gate/up, and in the sensitivity scorer one sweep for all candidate bit
+    widths of a module.
+    """
+    results: list[QuantLinear | None] = [None] * len(jobs)
+    batches: dict[tuple[str, int, int], list[int]] = {}
+    for index, (module, spec, hessian) in enumerate(jobs):
+        shared = getattr(QUANTIZERS.get(spec.method), "shared", None)
+        if shared is None or hessian is None:
+            results[index] = quantize_module(module, spec, hessian)
+        else:
+            batches.setdefault((spec.method, id(hessian), spec.group_size), []).append(index)
+    for (method, _, _), indices in batches.items():
+        weights = [_check_linear(jobs[i][0]) for i in indices]
+        hessian = jobs[indices[0]][2]
+        quantized = QUANTIZERS.get(method).shared(weights, [jobs[i][1] for i in indices], hessian)
+        for i, weight, qw in zip(indices, weights, quantized, strict=True):
+            results[i] = _wrap(jobs[i][0], weight, qw, method)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
 
 def relative_error(before: torch.Tensor | nn.Module, qlinear: QuantLinear) -> float:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +37,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.quant.packing import pack
 from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS
-from layerwise.quant.rtn import group_params, quantize_codes
+from layerwise.quant.rtn import group_params
 from layerwise.types import QuantSpec
 
 # After a failed factorisation the damping grows 10x per retry, from at least this fraction of
@@ -99,12 +100,39 @@ def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
     return upper
 
 
-def _static_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_features, n_groups) scales and zeros of the natural contiguous column groups of `weight`."""
-    params = [
-        group_params(weight[:, start : start + spec.group_size], spec.bits, spec.sym)
-        for start in range(0, weight.shape[1], spec.group_size)
-    ]
+@dataclass
+class _RowSet:
+    """Several weights that share one Hessian, stacked row-wise so one column sweep quantizes them all.
+
+    GPTQ treats every output row independently given H (the error feedback only moves weights within a
+    row), so rows of different weights -- q, k and v, or one weight at several bit widths -- can share a
+    sweep; per-row bit widths and symmetry come along as columns of `maxq` and row slices.
+    """
+
+    weights: list[torch.Tensor]
+    specs: list[QuantSpec]
+
+    @property
+    def slices(self) -> list[slice]:
+        bounds = [0]
+        for w in self.weights:
+            bounds.append(bounds[-1] + w.shape[0])
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def maxq(self, device: torch.device) -> torch.Tensor:
+        """The largest code of every stacked row, as a float (rows,) vector."""
+        pairs = zip(self.weights, self.specs, strict=True)
+        return torch.cat([torch.full((w.shape[0],), float(2**s.bits - 1)) for w, s in pairs]).to(device)
+
+    def group_params(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row scale and zero of the stacked rows' `columns` (one group), each with its own spec."""
+        params = [group_params(columns[rows], s.bits, s.sym) for rows, s in zip(self.slices, self.specs, strict=True)]
+        return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+
+
+def _static_params(rows: _RowSet, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n_groups) scales and zeros of the natural contiguous column groups of the stacked `weight`."""
+    params = [rows.group_params(weight[:, a : a + group_size]) for a in range(0, weight.shape[1], group_size)]
     return torch.stack([p[0] for p in params], dim=1), torch.stack([p[1] for p in params], dim=1)
 
 
@@ -112,7 +140,8 @@ def _quantize_columns(
     weight: torch.Tensor,
     upper: torch.Tensor,
     group_of: list[int],
-    spec: QuantSpec,
+    rows: _RowSet,
+    group_size: int,
     params: tuple[torch.Tensor, torch.Tensor] | None,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -122,15 +151,21 @@ def _quantize_columns(
     group of processed column j. `params` holds static per-group scales and zeros, or is None to compute
     each group's from the current weights at its first column (natural order only).
     """
-    out_features, in_features = weight.shape
+    n_rows, in_features = weight.shape
+    device = weight.device
+    maxq = rows.maxq(device)
     if params is None:
-        n_groups = spec.n_groups(in_features)
-        scales = torch.zeros(out_features, n_groups, dtype=torch.float32, device=weight.device)
+        n_groups = -(-in_features // group_size)
+        scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=device)
         zeros = torch.zeros_like(scales)
     else:
         scales, zeros = params
-    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=weight.device)
-    finite = torch.ones((), dtype=torch.bool, device=weight.device)
+    # Each processed column's scale and zero, gathered once (static groups), instead of per column.
+    column_scales = scales[:, group_of] if params is not None else None
+    column_zeros = zeros[:, group_of] if params is not None else None
+    diagonal = upper.diagonal().tolist()
+    codes = torch.empty(n_rows, in_features, dtype=torch.float32, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
         block = weight[:, start:stop].clone()
@@ -138,35 +173,163 @@ def _quantize_columns(
         u_block = upper[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            group = group_of[col]
-            if params is None and col % spec.group_size == 0:
-                end = min(col + spec.group_size, in_features)
-                current = block[:, i : end - start]
-                if end > stop:  # the group runs past the block: add the updates still pending for it
-                    beyond = weight[:, stop:end] - errors[:, :i] @ upper[start:col, stop:end]
-                    current = torch.cat([current, beyond], dim=1)
-                scales[:, group], zeros[:, group] = group_params(current, spec.bits, spec.sym)
-            scale, zero = scales[:, group], zeros[:, group]
-            q = quantize_codes(block[:, i], scale, zero, spec.bits)
+            if column_scales is not None and column_zeros is not None:
+                scale, zero = column_scales[:, col], column_zeros[:, col]
+            else:
+                group = group_of[col]
+                if col % group_size == 0:
+                    end = min(col + group_size, in_features)
+                    current = block[:, i : end - start]
+                    if end > stop:  # the group runs past the block: add the updates still pending for it
+                        beyond = weight[:, stop:end] - errors[:, :i] @ upper[start:col, stop:end]
+                        current = torch.cat([current, beyond], dim=1)
+                    scales[:, group], zeros[:, group] = rows.group_params(current)
+                scale, zero = scales[:, group], zeros[:, group]
+            w = block[:, i]
+            q = torch.minimum(torch.round(w / scale).add_(zero).clamp_(min=0), maxq)  # quantize_codes, per-row maxq
             codes[:, col] = q
-            error = (block[:, i] - (q - zero) * scale) / u_block[i, i]
-            block[:, i + 1 :] -= error[:, None] * u_block[i, i + 1 :][None, :]
+            error = w.sub((q - zero).mul_(scale)).div_(diagonal[col])
+            block[:, i + 1 :].addr_(error, u_block[i, i + 1 :], alpha=-1)
             errors[:, i] = error
         weight[:, stop:] -= errors @ upper[start:stop, stop:]
         finite &= torch.isfinite(errors).all()
     if not bool(finite):
         return None
-    return codes, scales, zeros
+    return codes.to(torch.int32), scales, zeros
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ derives from one Hessian, reusable by every weight quantized against it.
+
+    `upper` is the upper Cholesky factor of the damped ``H^-1`` in processing order `perm`; `dead` marks
+    inputs that never fired. Factoring once and sharing it is what makes q/k/v (or several candidate bit
+    widths of one layer) cheap: the O(K^3) work is done once per distinct input.
+    """
+
+    hessian: torch.Tensor  # dead inputs fixed, permuted, not damped
+    perm: torch.Tensor
+    dead: torch.Tensor
+    act_order: bool
+    requested_damp: float
+    damp: float = 0.0
+    upper: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
+        """Factor `hessian` with damping `damp` (raised with a warning if H will not factor)."""
+        h = hessian.detach().to(torch.float32).clone()
+        dead = h.diagonal() == 0
+        h.diagonal()[dead] = 1.0
+        if act_order:
+            perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+            h = h[perm][:, perm]
+        else:
+            perm = torch.arange(h.shape[0], device=h.device)
+        factor = cls(h, perm, dead, act_order, damp)
+        factor._factor(_damping_schedule(damp))
+        return factor
+
+    def _factor(self, schedule: list[float]) -> None:
+        mean_diag = self.hessian.diagonal().mean()
+        for used in schedule:
+            damped = self.hessian.clone()
+            damped.diagonal().add_(used * mean_diag)
+            self.upper = _upper_inverse_factor(damped)
+            if self.upper is not None:
+                self.damp = used
+                return
+        raise LayerwiseError(
+            f"GPTQ could not invert the Hessian even with damping {schedule[-1]:g} x mean(diag(H)); it is not "
+            "positive semi-definite, so it was not collected as (2/n) X^T X -- recollect it"
+        )
+
+    def redamp(self) -> None:
+        """Refactor with the next damping of the schedule, after the error feedback blew up."""
+        later = [d for d in _damping_schedule(self.requested_damp) if d > self.damp]
+        if not later:
+            raise LayerwiseError(
+                f"GPTQ's error feedback diverged even with damping {self.damp:g} x mean(diag(H)); the Hessian is "
+                "too ill-conditioned -- collect it over more calibration tokens"
+            )
+        self._factor(later)
+
+    def warn_if_redamped(self) -> None:
+        if self.damp != self.requested_damp:
+            warnings.warn(
+                f"GPTQ: the Hessian is singular or ill-conditioned (inverting it failed with damping "
+                f"{self.requested_damp:g}); quantized with damping {self.damp:g} x mean(diag(H)) instead. Usual "
+                f"causes: fewer calibration tokens than the {self.hessian.shape[0]} inputs, or duplicated inputs",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def quantize_gptq_shared(
+    weights: list[torch.Tensor],
+    specs: list[QuantSpec],
+    hessian: torch.Tensor | HessianFactor | None,
+    *,
+    damp: float = 0.01,
+    block_size: int = 32,
+    act_order: bool = True,
+) -> list[QuantizedWeight]:
+    """GPTQ-quantize several weights that read the same input, in one column sweep.
+
+    Each weight gets exactly what `quantize_gptq` would give it alone (up to float rounding); the specs
+    may differ in bits and symmetry but must share a group size. `hessian` may be a `HessianFactor`
+    already computed for this input (its damping and act-order then apply).
+    """
+    if not weights or len(weights) != len(specs):
+        raise LayerwiseError(f"need one spec per weight, got {len(weights)} weights and {len(specs)} specs")
+    group_sizes = {s.group_size for s in specs}
+    if len(group_sizes) != 1:
+        raise LayerwiseError(f"weights quantized in one GPTQ sweep must share a group size, got {sorted(group_sizes)}")
+    group_size = group_sizes.pop()
+    for weight in weights:
+        _check_inputs(weight, hessian.hessian if isinstance(hessian, HessianFactor) else hessian, damp, block_size)
+    if isinstance(hessian, HessianFactor):
+        factor = hessian
+    else:
+        assert hessian is not None
+        factor = HessianFactor.of(hessian, damp=damp, act_order=act_order)
+    rows = _RowSet([w.detach().to(device=factor.hessian.device, dtype=torch.float32) for w in weights], specs)
+    stacked = torch.cat(rows.weights)
+    stacked[:, factor.dead] = 0.0
+    params = _static_params(rows, stacked, group_size) if factor.act_order else None  # natural groups
+    stacked = stacked[:, factor.perm]
+    group_of = (factor.perm // group_size).tolist()
+    while True:
+        assert factor.upper is not None
+        result = _quantize_columns(stacked.clone(), factor.upper, group_of, rows, group_size, params, block_size)
+        if result is not None:
+            break
+        factor.redamp()
+    factor.warn_if_redamped()
+    processed_codes, scales, zeros = result
+    codes = torch.empty_like(processed_codes)
+    codes[:, factor.perm] = processed_codes  # back to the original column order
+    return [
+        QuantizedWeight(
+            qweight=pack(codes[part], spec.bits),
+            scales=scales[part].to(torch.float16),
+            zeros=None if spec.sym else zeros[part].to(torch.float16),
+            spec=spec,
+            out_features=weight.shape[0],
+            in_features=weight.shape[1],
+        )
+        for weight, spec, part in zip(weights, specs, rows.slices, strict=True)
+    ]
 
 
 @QUANTIZERS.register("gptq")
 def quantize_gptq(
     weight: torch.Tensor,
     spec: QuantSpec,
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | HessianFactor | None = None,
     *,
     damp: float = 0.01,
-    block_size: int = 128,
+    block_size: int = 32,
     act_order: bool = True,
 ) -> QuantizedWeight:
     """GPTQ-quantize a (out_features, in_features) weight given its inputs' Hessian ``(2/n) X^T X``.
@@ -177,60 +340,8 @@ def quantize_gptq(
     zero (``H[i, i] == 0``) get ``H[i, i] = 1`` and a zero weight column. `block_size` only trades speed
     for memory traffic; it does not change the result beyond float rounding.
     """
-    _check_inputs(weight, hessian, damp, block_size)
-    assert hessian is not None
-    in_features = weight.shape[1]
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-
-    if act_order:
-        params = _static_params(w, spec)  # from the natural groups, before any permutation
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    else:
-        params = None
-        perm = torch.arange(in_features, device=w.device)
-    group_of = (perm // spec.group_size).tolist()
-
-    mean_diag = h.diagonal().mean()
-    applied = 0.0
-    result = None
-    for used in _damping_schedule(damp):
-        h.diagonal().add_((used - applied) * mean_diag)
-        applied = used
-        upper = _upper_inverse_factor(h)
-        if upper is not None:
-            result = _quantize_columns(w.clone(), upper, group_of, spec, params, block_size)
-            del upper
-        if result is not None:
-            break
-    if result is None:
-        raise LayerwiseError(
-            f"GPTQ could not invert the Hessian even with damping {applied:g} x mean(diag(H)); it is not "
-            "positive semi-definite, so it was not collected as (2/n) X^T X -- recollect it"
-        )
-    if used != damp:
-        warnings.warn(
-            f"GPTQ: the Hessian is singular or ill-conditioned (inverting it failed with damping {damp:g}); "
-            f"quantized with damping {used:g} x mean(diag(H)) instead. Usual causes: fewer calibration "
-            f"tokens than the {in_features} inputs, or duplicated inputs",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    processed_codes, scales, zeros = result
-    codes = torch.empty_like(processed_codes)
-    codes[:, perm] = processed_codes  # back to the original column order
-    return QuantizedWeight(
-        qweight=pack(codes, spec.bits),
-        scales=scales.to(torch.float16),
-        zeros=None if spec.sym else zeros.to(torch.float16),
-        spec=spec,
-        out_features=weight.shape[0],
-        in_features=in_features,
-    )
+    return quantize_gptq_shared([weight], [spec], hessian, damp=damp, block_size=block_size, act_order=act_order)[0]
 
 
 quantize_gptq.needs_hessian = True  # read by the driver: collect calibration Hessians for this method
+quantize_gptq.shared = quantize_gptq_shared  # read by quantize_modules: one sweep per shared Hessian

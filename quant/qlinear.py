@@ -9,9 +9,11 @@ from the plan, not from the tensors. Shapes, dtypes and the dequantization come 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Imported for its registrations: the nf4 / int8 codecs must exist before a checkpoint naming them loads.
@@ -96,11 +98,27 @@ class QuantLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.__dict__.get("_dense")
+        if dense is not None:
+            return F.linear(x, dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return codec_for(self.method).matmul(x, self, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module multiplies by."""
         return codec_for(self.method).dequantize(self, dtype)
+
+    @contextmanager
+    def dense_weight(self) -> Iterator[None]:
+        """Dequantize once and multiply by the dense weight until the block ends.
+
+        For calibration passes that run a freshly quantized layer over many batches: the on-the-fly path
+        would unpack the same codes for every batch. Costs one dense weight of memory while active.
+        """
+        self.__dict__["_dense"] = self.dequantize(torch.float32)
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_dense", None)
 
     def storage_bits(self) -> int:
         """Bits of the quantized weight (codes, scales, zeros); the bias stays full precision and is excluded."""
@@ -126,3 +144,13 @@ class QuantLinear(nn.Module):
             if moved.dtype != original.dtype:
                 self._buffers[name] = original.to(moved.device)
         return self
+
+
+@contextmanager
+def dense_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """`QuantLinear.dense_weight` for every QuantLinear among `modules` (others are left alone)."""
+    with ExitStack() as stack:
+        for module in modules:
+            if isinstance(module, QuantLinear):
+                stack.enter_context(module.dense_weight())
+        yield

@@ -13,6 +13,7 @@ from layerwise.quant import QuantLinear
 
 def compressed(arch="llama", bits=3.0, **kwargs):
     model = tiny_model(arch, n_layers=4)
+    kwargs = {"scorer": "lim", "method": "rtn", **kwargs}  # the seed's path; tests of the defaults are elsewhere
     return layerwise.compress(model, bits, calib=random_windows(2, 16), group_size=32, progress=False, **kwargs)
 
 
@@ -51,7 +52,8 @@ def test_quantized_model_is_close_to_original_at_8_bits():
     model = tiny_model("llama", n_layers=4)
     ids = random_windows(1, 12, seed=3)
     reference = logits(model, ids)
-    result = layerwise.compress(model, 9.0, high=8, low=4, calib=random_windows(2, 16), group_size=32,
+    result = layerwise.compress(model, 9.0, scorer="lim", method="rtn", high=8, low=4, calib=random_windows(2, 16),
+                                group_size=32,
                                 progress=False)
     assert all(b == 8 for b in result.plan.bits_per_layer())
     rel = (logits(result.model, ids) - reference).norm() / reference.norm()

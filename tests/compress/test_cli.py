@@ -42,7 +42,8 @@ def test_score_plan_apply_eval(tiny_model_dir, scores_file, tmp_path, capsys):
 
 def test_compress_one_step(tiny_model_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    code, out, _ = run("compress", tiny_model_dir, "--bits", 7.0, "--high", 8, "--low", 4, "--group-size", 32,
+    code, out, _ = run("compress", tiny_model_dir, "--method", "rtn", "--bits", 7.0, "--high", 8, "--low", 4,
+                       "--group-size", 32,
                        "--scorer", "zd", "--out", ckpt, capsys=capsys)
     assert code == 0
     meta = json.loads((ckpt / "layerwise.json").read_text())

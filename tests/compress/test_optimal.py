@@ -74,7 +74,7 @@ def test_optimal_needs_option_damage():
     with pytest.raises(LayerwiseError, match="scorer sensitivity"):
         make_plan(LayerScores("lim", [0.0] * 4, [dict(SHAPES)] * 4), 4.0, planner="optimal")
     with pytest.raises(LayerwiseError, match="use --scorer sensitivity"):
-        layerwise.compress(tiny_model("llama", 2), 4.0, planner="optimal", calib=random_windows(2, 8),
+        layerwise.compress(tiny_model("llama", 2), 4.0, scorer="lim", planner="optimal", calib=random_windows(2, 8),
                            progress=False)
 
 

@@ -1,0 +1,53 @@
+"""The sensitivity scorer's Fisher pass and its use of a subset of the calibration windows."""
+
+import pytest
+import torch
+from conftest import random_windows, tiny_model
+
+from layerwise.importance import score_model
+from layerwise.importance.sensitivity import output_fisher
+from layerwise.models import decoder_layers
+
+
+@pytest.mark.parametrize("arch", ("llama", "gpt2", "gemma3"))
+def test_checkpointed_fisher_matches_plain_autograd(arch: str) -> None:
+    model = tiny_model(arch)
+    windows = random_windows(2, 16)
+    fisher = output_fisher(model, windows, batch_size=1)
+
+    # Reference: gradients of the summed NLL with respect to every layer's output, no checkpointing.
+    layers = decoder_layers(model)
+    outputs: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
+    expected = [torch.zeros(()) for _ in layers]
+    for window in windows.split(1):
+        outputs.clear()
+        logits = model(input_ids=window, use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+        grads = torch.autograd.grad(loss, outputs)
+        expected = [e + g.pow(2).sum(dim=(0, 1)) for e, g in zip(expected, grads, strict=True)]
+    for handle in handles:
+        handle.remove()
+    for got, want in zip(fisher, expected, strict=True):
+        torch.testing.assert_close(got, want / windows.numel(), rtol=1e-4, atol=1e-9)
+    # every layer's own forward is back and parameters kept their flags
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_stream_reads_only_the_windows_the_scorers_need() -> None:
+    model = tiny_model("llama")
+    windows = random_windows(6, 12)
+    options = {"sensitivity": {"options": "2:32,4:32", "damage_windows": 2}}
+    alone = score_model(model, ["sensitivity"], windows, calibration={"windows": 6}, scorer_options=options,
+                        progress=False)
+    assert alone["sensitivity"].calibration["windows"] == 2
+    together = score_model(model, ["lim", "sensitivity"], windows, calibration={"windows": 6},
+                           scorer_options=options, progress=False)
+    assert together["lim"].calibration["windows"] == 6
+    # the damage is measured on the same two windows either way
+    for option, damage in alone["sensitivity"].option_damage.items():
+        assert together["sensitivity"].option_damage[option] == pytest.approx(damage, rel=1e-5)
