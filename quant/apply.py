@@ -50,19 +50,19 @@ def quantize_modules(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | None]
     """`quantize_module` for each (module, spec, hessian) job, sharing work between jobs where it can.
 
     Jobs whose method can quantize several weights in one pass (its quantizer's `shared` capability, GPTQ)
-    and that use the same Hessian object and group size run together: on a llama layer that is one
-    sweep for q/k/v and one for gate/up, and in the sensitivity scorer one sweep for all candidate bit
-    widths of a module.
+    and that use the same Hessian object run together: on a llama layer that is one
+    sweep for q/k/v and one for gate/up, and in the sensitivity scorer one sweep for all candidate
+    options of those modules.
     """
     results: list[QuantLinear | None] = [None] * len(jobs)
-    batches: dict[tuple[str, int, int], list[int]] = {}
+    batches: dict[tuple[str, int], list[int]] = {}
     for index, (module, spec, hessian) in enumerate(jobs):
         shared = getattr(QUANTIZERS.get(spec.method), "shared", None)
         if shared is None or hessian is None:
             results[index] = quantize_module(module, spec, hessian)
         else:
-            batches.setdefault((spec.method, id(hessian), spec.group_size), []).append(index)
-    for (method, _, _), indices in batches.items():
+            batches.setdefault((spec.method, id(hessian)), []).append(index)
+    for (method, _), indices in batches.items():
         weights = [_check_linear(jobs[i][0]) for i in indices]
         hessian = jobs[indices[0]][2]
         quantized = QUANTIZERS.get(method).shared(weights, [jobs[i][1] for i in indices], hessian)

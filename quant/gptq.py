@@ -130,39 +130,35 @@ class _RowSet:
         return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
 
 
-def _static_params(rows: _RowSet, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, n_groups) scales and zeros of the natural contiguous column groups of the stacked `weight`."""
-    params = [rows.group_params(weight[:, a : a + group_size]) for a in range(0, weight.shape[1], group_size)]
+def _static_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_features, n_groups) scales and zeros of the natural contiguous column groups of `weight`."""
+    g = spec.group_size
+    params = [group_params(weight[:, a : a + g], spec.bits, spec.sym) for a in range(0, weight.shape[1], g)]
     return torch.stack([p[0] for p in params], dim=1), torch.stack([p[1] for p in params], dim=1)
 
 
 def _quantize_columns(
     weight: torch.Tensor,
     upper: torch.Tensor,
-    group_of: list[int],
     rows: _RowSet,
-    group_size: int,
-    params: tuple[torch.Tensor, torch.Tensor] | None,
     block_size: int,
+    column_params: tuple[torch.Tensor, torch.Tensor] | None,
+    group_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Codes (in `weight`'s column order), scales and zeros; None if the error feedback blew up.
+    """Codes (in `weight`'s processing order) and the dynamic groups' scales and zeros; None on blow-up.
 
-    `weight` (modified in place) and `upper` are already in processing order; ``group_of[j]`` is the
-    group of processed column j. `params` holds static per-group scales and zeros, or is None to compute
-    each group's from the current weights at its first column (natural order only).
+    `weight` (modified in place) and `upper` are already in processing order. `column_params` holds
+    every processed column's static scale and zero per row (act-order), or is None to compute each
+    group's from the current weights at its first column (natural order, one `group_size` for all rows);
+    the returned scales and zeros are only meaningful then.
     """
     n_rows, in_features = weight.shape
     device = weight.device
     maxq = rows.maxq(device)
-    if params is None:
-        n_groups = -(-in_features // group_size)
-        scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=device)
-        zeros = torch.zeros_like(scales)
-    else:
-        scales, zeros = params
-    # Each processed column's scale and zero, gathered once (static groups), instead of per column.
-    column_scales = scales[:, group_of] if params is not None else None
-    column_zeros = zeros[:, group_of] if params is not None else None
+    n_groups = -(-in_features // group_size) if column_params is None else 0
+    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=device)
+    zeros = torch.zeros_like(scales)
+    column_scales, column_zeros = column_params if column_params is not None else (None, None)
     diagonal = upper.diagonal().tolist()
     codes = torch.empty(n_rows, in_features, dtype=torch.float32, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -176,7 +172,7 @@ def _quantize_columns(
             if column_scales is not None and column_zeros is not None:
                 scale, zero = column_scales[:, col], column_zeros[:, col]
             else:
-                group = group_of[col]
+                group = col // group_size
                 if col % group_size == 0:
                     end = min(col + group_size, in_features)
                     current = block[:, i : end - start]
@@ -277,15 +273,12 @@ def quantize_gptq_shared(
     """GPTQ-quantize several weights that read the same input, in one column sweep.
 
     Each weight gets exactly what `quantize_gptq` would give it alone (up to float rounding); the specs
-    may differ in bits and symmetry but must share a group size. `hessian` may be a `HessianFactor`
-    already computed for this input (its damping and act-order then apply).
+    may differ in bits, group size and symmetry (group sizes must agree without act-order, where groups
+    are formed during the sweep). `hessian` may be a `HessianFactor` already computed for this input
+    (its damping and act-order then apply).
     """
     if not weights or len(weights) != len(specs):
         raise LayerwiseError(f"need one spec per weight, got {len(weights)} weights and {len(specs)} specs")
-    group_sizes = {s.group_size for s in specs}
-    if len(group_sizes) != 1:
-        raise LayerwiseError(f"weights quantized in one GPTQ sweep must share a group size, got {sorted(group_sizes)}")
-    group_size = group_sizes.pop()
     for weight in weights:
         _check_inputs(weight, hessian.hessian if isinstance(hessian, HessianFactor) else hessian, damp, block_size)
     if isinstance(hessian, HessianFactor):
@@ -294,31 +287,43 @@ def quantize_gptq_shared(
         assert hessian is not None
         factor = HessianFactor.of(hessian, damp=damp, act_order=act_order)
     rows = _RowSet([w.detach().to(device=factor.hessian.device, dtype=torch.float32) for w in weights], specs)
-    stacked = torch.cat(rows.weights)
-    stacked[:, factor.dead] = 0.0
-    params = _static_params(rows, stacked, group_size) if factor.act_order else None  # natural groups
-    stacked = stacked[:, factor.perm]
-    group_of = (factor.perm // group_size).tolist()
+    for w in rows.weights:
+        w[:, factor.dead] = 0.0
+    group_sizes = sorted({s.group_size for s in specs})
+    if factor.act_order:  # static groups: each weight's natural groups, at its own group size
+        params = [_static_params(w, spec) for w, spec in zip(rows.weights, specs, strict=True)]
+        column_params = tuple(
+            torch.cat([p[k][:, factor.perm // spec.group_size] for p, spec in zip(params, specs, strict=True)])
+            for k in (0, 1)
+        )
+    elif len(group_sizes) > 1:
+        raise LayerwiseError(
+            f"without act-order, weights quantized in one GPTQ sweep must share a group size, got {group_sizes}"
+        )
+    stacked = torch.cat(rows.weights)[:, factor.perm]
     while True:
         assert factor.upper is not None
-        result = _quantize_columns(stacked.clone(), factor.upper, group_of, rows, group_size, params, block_size)
+        result = _quantize_columns(stacked.clone(), factor.upper, rows, block_size,
+                                   column_params if factor.act_order else None, group_sizes[0])  # type: ignore[arg-type]
         if result is not None:
             break
         factor.redamp()
     factor.warn_if_redamped()
-    processed_codes, scales, zeros = result
+    processed_codes, dynamic_scales, dynamic_zeros = result
     codes = torch.empty_like(processed_codes)
     codes[:, factor.perm] = processed_codes  # back to the original column order
+    if not factor.act_order:
+        params = [(dynamic_scales[part], dynamic_zeros[part]) for part in rows.slices]
     return [
         QuantizedWeight(
             qweight=pack(codes[part], spec.bits),
-            scales=scales[part].to(torch.float16),
-            zeros=None if spec.sym else zeros[part].to(torch.float16),
+            scales=scale.to(torch.float16),
+            zeros=None if spec.sym else zero.to(torch.float16),
             spec=spec,
             out_features=weight.shape[0],
             in_features=weight.shape[1],
         )
-        for weight, spec, part in zip(weights, specs, rows.slices, strict=True)
+        for weight, spec, part, (scale, zero) in zip(weights, specs, rows.slices, params, strict=True)
     ]
 
 

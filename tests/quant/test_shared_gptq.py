@@ -23,11 +23,14 @@ from layerwise.quant import (
 from layerwise.types import QuantSpec
 
 
-@pytest.mark.parametrize("act_order", (False, True))
-def test_shared_sweep_equals_separate_runs(act_order: bool) -> None:
+@pytest.mark.parametrize(
+    ("act_order", "group_sizes"), ((False, (32, 32, 32)), (True, (32, 32, 32)), (True, (32, 64, 48)))
+)
+def test_shared_sweep_equals_separate_runs(act_order: bool, group_sizes: tuple[int, ...]) -> None:
     hessian = hessian_of(correlated_inputs(400, 96, seed=1))
     weights = [random_weight(16, 96, seed=s) for s in (1, 2, 3)]
-    specs = [QuantSpec(2, 32, "gptq"), QuantSpec(4, 32, "gptq", sym=True), QuantSpec(8, 32, "gptq")]
+    bits_sym = ((2, False), (4, True), (8, False))
+    specs = [QuantSpec(b, g, "gptq", sym) for (b, sym), g in zip(bits_sym, group_sizes, strict=True)]
     together = quantize_gptq_shared(weights, specs, hessian, act_order=act_order)
     for weight, spec, qw in zip(weights, specs, together, strict=True):
         alone = quantize_gptq(weight, spec, hessian, act_order=act_order)
@@ -48,11 +51,13 @@ def test_a_factor_is_reusable_and_matches_the_raw_hessian() -> None:
     assert torch.equal(codes_of(first), codes_of(direct))
 
 
-def test_shared_sweep_rejects_mixed_group_sizes_and_counts() -> None:
+def test_shared_sweep_rejects_mixed_group_sizes_without_act_order_and_bad_counts() -> None:
     hessian = hessian_of(correlated_inputs(200, 64, seed=3))
     w = random_weight(8, 64, seed=1)
-    with pytest.raises(LayerwiseError, match="share a group size"):
-        quantize_gptq_shared([w, w], [QuantSpec(4, 32, "gptq"), QuantSpec(4, 64, "gptq")], hessian)
+    mixed = [QuantSpec(4, 32, "gptq"), QuantSpec(4, 64, "gptq")]
+    with pytest.raises(LayerwiseError, match="without act-order.*share a group size"):
+        quantize_gptq_shared([w, w], mixed, hessian, act_order=False)
+    assert len(quantize_gptq_shared([w, w], mixed, hessian, act_order=True)) == 2
     with pytest.raises(LayerwiseError, match="one spec per weight"):
         quantize_gptq_shared([w, w], [QuantSpec(4, 32, "gptq")], hessian)
     with pytest.raises(LayerwiseError, match="calibration inputs"):
