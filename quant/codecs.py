@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from layerwise.kernels import torch_ref
+from layerwise.kernels import torch_ref, triton_matmul
 from layerwise.quant.packing import PackFormat, words_per_row
 from layerwise.registry import Registry
 from layerwise.types import QuantSpec
@@ -88,9 +88,13 @@ class BitstreamCodec(Codec):
         )
 
     def matmul(self, x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
-        # Through torch_ref.dequant_matmul, the entry point faster kernels replace.
+        # The fused Triton kernel for CUDA tensors (or when LAYERWISE_KERNEL forces it), else the torch
+        # reference; both take the same arguments. Decided per call from this module's own bit width.
         spec = packed.spec
-        return torch_ref.dequant_matmul(
+        kernel = triton_matmul.triton_dequant_matmul if triton_matmul.use_triton(x, spec.bits) else (
+            torch_ref.dequant_matmul
+        )
+        return kernel(
             x, packed.qweight, packed.scales, packed.zeros, spec.bits, spec.group_size, packed.in_features, spec.sym,
             bias,
         )
