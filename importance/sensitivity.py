@@ -91,8 +91,7 @@ class SensitivityScorer(LayerScorer):
         assert outputs is not None
         per_batch = step.inputs[0].shape[0]
         n = min(len(step.inputs), -(-self.damage_windows // per_batch))  # batches covering damage_windows
-        subset = LayerStep(step.index, step.name, step.layer, step.inputs[:n], step.call)
-        reference = outputs[:n]
+        inputs, reference = step.inputs[:n], outputs[:n]
         modules = linear_modules(step.layer)
         hessians: dict[str, torch.Tensor] = {}
         if self._collector is not None:
@@ -112,7 +111,7 @@ class SensitivityScorer(LayerScorer):
                 weighted = sum(
                     float(((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
                            * fisher).sum())
-                    for x, y in zip(subset.inputs, reference, strict=True)
+                    for x, y in zip(inputs, reference, strict=True)
                 )
             self._damage[option.option()].append(0.5 * weighted / n_tokens)
         cheapest = min(self.options, key=lambda o: (o.bits, -o.group_size))

@@ -14,7 +14,9 @@ before inverting, so float64 would not change the quantized codes.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -85,21 +87,31 @@ class HessianAccumulator:
         Returns the hook's handle; the caller removes it (``handle.remove()``) once calibration is done,
         because a forgotten hook keeps adding K^2 work to every later forward.
         """
-        if not isinstance(module, LINEAR_TYPES):
-            raise LayerwiseError(
-                f"cannot collect a Hessian for a {type(module).__name__}; only nn.Linear and Conv1D are supported"
-            )
-        in_features = linear_shape(module)[1]
+        in_features = _check_linear(module)
         if in_features != self.in_features:
             raise LayerwiseError(f"this accumulator is for {self.in_features} inputs but the module has {in_features}")
+        return _hook_inputs(module, self.add)
 
-        def collect(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], _output: object) -> None:
-            # Both nn.Linear and Conv1D take the activations as their one argument, positional or named.
-            x = args[0] if args else next(iter(kwargs.values()))
-            assert isinstance(x, torch.Tensor)
-            self.add(x)
 
-        return module.register_forward_hook(collect, with_kwargs=True)
+def _check_linear(module: nn.Module) -> int:
+    """The module's in_features, after checking it is a linear layer Hessians can be collected for."""
+    if not isinstance(module, LINEAR_TYPES):
+        raise LayerwiseError(
+            f"cannot collect a Hessian for a {type(module).__name__}; only nn.Linear and Conv1D are supported"
+        )
+    return linear_shape(module)[1]
+
+
+def _hook_inputs(module: nn.Module, collect: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Call `collect` with every input `module` receives in a forward; returns the hook's handle."""
+
+    def hook(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], _output: object) -> None:
+        # Both nn.Linear and Conv1D take the activations as their one argument, positional or named.
+        x = args[0] if args else next(iter(kwargs.values()))
+        assert isinstance(x, torch.Tensor)
+        collect(x)
+
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 class SharedInputHessians:
@@ -115,11 +127,7 @@ class SharedInputHessians:
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        for module in modules.values():
-            if not isinstance(module, LINEAR_TYPES):
-                raise LayerwiseError(
-                    f"cannot collect a Hessian for a {type(module).__name__}; only nn.Linear and Conv1D are supported"
-                )
+        self.in_features = {name: _check_linear(module) for name, module in modules.items()}
         self.modules = modules
         self.accumulators: dict[str, HessianAccumulator] = {}  # by the name of the module that accumulates
         self.source: dict[str, str] = {}  # module name -> name of the module whose accumulator it uses
@@ -138,21 +146,15 @@ class SharedInputHessians:
         if owner != name:
             return
         if name not in self.accumulators:
-            weight = linear_weight(self.modules[name])
-            self.accumulators[name] = HessianAccumulator(weight.shape[1], device=weight.device)
+            device = linear_weight(self.modules[name]).device
+            self.accumulators[name] = HessianAccumulator(self.in_features[name], device=device)
         self.accumulators[name].add(x)
         self._recent.append((weakref.ref(x), name))
 
     def __enter__(self) -> SharedInputHessians:
-        def hook(name: str):
-            def collect(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], _out: object) -> None:
-                x = args[0] if args else next(iter(kwargs.values()))
-                assert isinstance(x, torch.Tensor)
-                self._collect(name, x)
-
-            return collect
-
-        self._handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in self.modules.items()]
+        self._handles = [
+            _hook_inputs(module, functools.partial(self._collect, name)) for name, module in self.modules.items()
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
