@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -12,21 +12,24 @@ from torch import nn
 
 from layerwise.applier import (
     apply_plan,
+    apply_structure,
     check_plan_fits,
     method_needs_hessian,
     plan_needs_calibration,
     resolve_methods,
 )
+from layerwise.budget import average_bits, n_weights
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
 from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.loading import load_model, model_name
-from layerwise.models import check_causal_lm, layer_linear_shapes
+from layerwise.models import check_causal_lm, decoder_layers, layer_linear_shapes
 from layerwise.planners import PLANNERS, uniform_plan
 from layerwise.quant import QUANTIZERS
 from layerwise.report import Report, build_report
-from layerwise.types import LayerScores, Plan, parse_options
+from layerwise.structure import TIE_MODES, StructureConfig, plan_structure
+from layerwise.types import LayerAction, LayerScores, LinearShapes, Plan, parse_options
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -142,22 +145,49 @@ def apply(
     calib: str | torch.Tensor = "wikipedia",
     calib_windows: int = DEFAULT_CALIB_WINDOWS,
     calib_len: int = DEFAULT_CALIB_LEN,
+    tie_mode: str = "first",
     progress: bool = True,
 ) -> CompressResult:
-    """Quantize the model in place as `plan` says; `method` fills the actions that name none.
+    """Compress the model in place as `plan` says; `method` fills the quantize actions that name none.
 
-    Calibration text (`calib`, as in `score`) is read only when a method needs it (gptq).
+    Pruned layers are removed, dropped sub-layers replaced, tied layers share their representative's
+    modules (`tie_mode` ``average`` first gives the representative its run's mean weights), then the
+    layers are quantized. Calibration text (`calib`, as in `score`) is read only when a method needs it
+    (gptq).
     """
     QUANTIZERS.get(method)
+    if tie_mode not in TIE_MODES:
+        raise LayerwiseError(f"unknown tie mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     model, tokenizer, name = _resolve(model_or_path, tokenizer)
     check_plan_fits(plan, model)
     windows = None
     if plan_needs_calibration(plan, method):
         windows, _ = _calibration(tokenizer, calib, calib_windows, calib_len, f"method {method!r}")
     shapes = layer_linear_shapes(model)
-    element_bytes = next(model.parameters()).element_size()
     start = time.perf_counter()
-    outcomes = apply_plan(model, plan, method, windows=windows, progress=progress)
+    compacted = apply_structure(model, plan, tie_mode) if plan.structural else plan
+    return _quantize(model, tokenizer, name, plan, compacted, method, shapes, windows, scores, start, progress)
+
+
+def _quantize(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    plan: Plan,
+    compacted: Plan,
+    method: str,
+    shapes: list[LinearShapes],
+    windows: torch.Tensor | None,
+    scores: LayerScores | None,
+    start: float,
+    progress: bool,
+) -> CompressResult:
+    """Quantize the (already restructured) model by `compacted` and report against the original `plan`."""
+    element_bytes = next(model.parameters()).element_size()
+    outcomes = apply_plan(model, compacted, method, windows=windows, progress=progress)
+    kept = plan.kept_layers()
+    for outcome in outcomes:  # report in the original model's numbering
+        outcome.layer = kept[outcome.layer]
     applied = resolve_methods(plan, method)
     report = build_report(model, applied, outcomes, shapes, model_name=name, original_element_bytes=element_bytes,
                           scores=scores)
@@ -181,13 +211,20 @@ def compress(
     n_low: int | None = None,
     options: str | list[str] | None = None,
     uniform: int | None = None,
+    prune: int = 0,
+    prune_block: bool = False,
+    prune_scorer: str | None = None,
+    drop_attn: int = 0,
+    drop_mlp: int = 0,
+    tie: int = 0,
+    tie_mode: str = "first",
     tokenizer: Any = None,
     calib: str | torch.Tensor = "wikipedia",
     calib_windows: int = DEFAULT_CALIB_WINDOWS,
     calib_len: int = DEFAULT_CALIB_LEN,
     progress: bool = True,
 ) -> CompressResult:
-    """Score, plan and quantize in one call; the model is modified in place and returned.
+    """Score, plan and compress in one call; the model is modified in place and returned.
 
     `model_or_path`: an ``AutoModelForCausalLM`` (pass its `tokenizer` for scorers that read text), a
     local HF directory, a hub id, or None / ``"smollm2-135m"`` for the built-in default model.
@@ -197,50 +234,123 @@ def compress(
     each layer and picks the least damaging mix that fits `bits`: the lowest perplexity measured
     (docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
     to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`.
+
+    Structure (layerwise.structure): `prune` layers (chosen by `prune_scorer`, default
+    `DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop
+    `drop_attn` attention and `drop_mlp` MLP sub-layers (`sublayer` scorer), `tie` layers to their
+    neighbours (`tie` scorer; `tie_mode` first or average). These happen first; the layers left are then
+    quantized to meet `bits` over the original model's weights (pruned weights free budget), or not at
+    all when `bits` and `uniform` are None.
     """
+    structure = StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode)
     # Validate every name, then the budget against the model's shapes, before the slow steps run.
     scorer_cls = SCORERS.get(scorer)
     planner = planner or default_planner(scorer_cls.provides_option_damage)
     plan_fn = PLANNERS.get(planner)
     QUANTIZERS.get(method)
+    quantizing = uniform is not None or bits is not None or n_low is not None
+    if not quantizing and structure.empty:
+        raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, or a structural change (prune, "
+                             "drop_attn, drop_mlp, tie)")
     plan_needs_options = "options" in {f.name for f in fields(plan_fn.config_class)}  # type: ignore[attr-defined]
-    if uniform is None and plan_needs_options and not scorer_cls.provides_option_damage:
+    if quantizing and uniform is None and plan_needs_options and not scorer_cls.provides_option_damage:
         measuring = [n for n in SCORERS.names() if SCORERS.get(n).provides_option_damage]
         raise LayerwiseError(
             f"planner {planner!r} needs measured damage per option; scorer {scorer!r} gives none "
             f"(use --scorer {' or '.join(measuring)})"
         )
+    structural_scorers = structure.scorers(prune_scorer)
+    for name in set(structural_scorers.values()):
+        SCORERS.get(name)
     if plan_needs_options and options is None:
         options = DEFAULT_OPTIONS
     model, tokenizer, name = _resolve(model_or_path, tokenizer)
     shapes = layer_linear_shapes(model)
+    structure.check(len(shapes))
     start = time.perf_counter()
-    if uniform is not None:
-        plan = uniform_plan(shapes, uniform, group_size, sym=sym, method=method)
-        result = apply(model, plan, method, tokenizer=tokenizer, calib=calib, calib_windows=calib_windows,
-                       calib_len=calib_len, progress=progress)
-        result.report.metrics["compress_seconds"] = round(time.perf_counter() - start, 2)
-        return result
     plan_options: dict[str, Any] = dict(planner=planner, high=high, low=low, group_size=group_size, sym=sym,
                                         method=method, order=order, seed=seed, n_low=n_low, options=options)
-    zeros = [0.0] * len(shapes)
-    dry_damage = {o.option(): zeros for o in parse_options(options, method)} if options else {}
-    make_plan(LayerScores("budget-check", zeros, shapes, option_damage=dry_damage), bits, **plan_options)
+    if uniform is None and quantizing and structure.empty:
+        zeros = [0.0] * len(shapes)
+        dry_damage = {o.option(): zeros for o in parse_options(options, method)} if options else {}
+        make_plan(LayerScores("budget-check", zeros, shapes, option_damage=dry_damage), bits, **plan_options)
     calib_summary: dict[str, Any] = {}
-    if scorer_cls.needs_activations or method_needs_hessian(method):
-        # Tokenize once; the scorer and the quantizer read the same windows.
+    if structural_scorers or (quantizing and uniform is None and scorer_cls.needs_activations) or (
+        quantizing and method_needs_hessian(method)
+    ):
+        # Tokenize once; every scorer and the quantizer read the same windows.
         calib, calib_summary = _calibration(tokenizer, calib, calib_windows, calib_len, f"{scorer!r} with {method!r}")
-    scores = score(model, scorer, tokenizer=tokenizer, calib=calib, calib_windows=calib_windows,
-                   calib_len=calib_len, options=options, method=method, progress=progress)
-    scores.model = name
-    if scores.calibration:
-        scores.calibration = calib_summary
-    plan = make_plan(scores, bits, **plan_options)
-    result = apply(model, plan, method, tokenizer=tokenizer, scores=scores, calib=calib, progress=progress)
-    result.report.model = name
-    result.report.metrics["score_seconds"] = round(scores.seconds, 2)
+    structure_plan = Plan([LayerAction(i, "keep") for i in range(len(shapes))])
+    if structural_scorers:
+        structure_plan = _plan_structure(model, structure, structural_scorers, calib, name, calib_summary, progress)
+    compacted = apply_structure(model, structure_plan, tie_mode) if structure_plan.structural else structure_plan
+    scores = None
+    if not quantizing:
+        quantized = compacted
+    elif uniform is not None:
+        quantized = _fill(compacted, uniform_plan(_free_shapes(model, compacted), uniform, group_size, sym=sym,
+                                                  method=method))
+    else:
+        scores = score(model, scorer, tokenizer=tokenizer, calib=calib, calib_windows=calib_windows,
+                       calib_len=calib_len, options=options, method=method, progress=progress)
+        scores.model = name
+        if scores.calibration:
+            scores.calibration = calib_summary
+        free = _free_layers(compacted)
+        free_shapes = _free_shapes(model, compacted)
+        # The budget counts the original model's weights; what pruning and tying removed is free to spend.
+        free_bits = None if bits is None else bits * sum(map(n_weights, shapes)) / sum(map(n_weights, free_shapes))
+        if free_bits is not None and "high" in {f.name for f in fields(plan_fn.config_class)}:  # type: ignore[attr-defined]
+            # More budget than every free layer at the high width needs: spend what that takes.
+            free_bits = min(free_bits, uniform_plan(free_shapes, high, group_size, sym=sym).avg_bits)
+        sub_plan = make_plan(scores.subset(free, free_shapes), free_bits, **plan_options)
+        quantized = _fill(compacted, sub_plan)
+    plan = structure_plan.expand(quantized)
+    plan.target_bits = bits if quantizing and uniform is None else None
+    plan.avg_bits = average_bits(plan.layers, shapes)
+    plan.made_by = {**(quantized.made_by if quantizing else {}), **structure_plan.made_by}
+    windows = calib if isinstance(calib, torch.Tensor) and plan_needs_calibration(plan, method) else None
+    result = _quantize(model, tokenizer, name, plan, quantized, method, shapes, windows, scores, start, progress)
+    if scores is not None:
+        result.report.metrics["score_seconds"] = round(scores.seconds, 2)
     result.report.metrics["compress_seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _plan_structure(
+    model: nn.Module,
+    structure: StructureConfig,
+    scorers: dict[str, str],
+    windows: torch.Tensor,
+    name: str,
+    calib_summary: dict[str, Any],
+    progress: bool,
+) -> Plan:
+    """Score what the structural choices need, in one pass, and plan them."""
+    results = score_model(model, sorted(set(scorers.values())), windows, model_name=name,
+                          calibration=calib_summary, progress=progress)
+    actions = plan_structure(len(decoder_layers(model)), structure,
+                             **{f"{role}_scores": results[scorer] for role, scorer in scorers.items()})
+    return Plan(actions, made_by={"structure": asdict(structure), "structure_scorers": scorers})
+
+
+def _free_layers(compacted: Plan) -> list[int]:
+    """Layers with weights of their own to quantize: all but the tied ones."""
+    return [a.layer for a in compacted.layers if a.action != "tie"]
+
+
+def _free_shapes(model: nn.Module, compacted: Plan) -> list[LinearShapes]:
+    shapes = layer_linear_shapes(model)  # after restructuring: dropped sub-layers have no linears
+    return [shapes[i] for i in _free_layers(compacted)]
+
+
+def _fill(compacted: Plan, sub_plan: Plan) -> Plan:
+    """`compacted` with its free layers' actions from `sub_plan` (numbered over the free layers only)."""
+    free = _free_layers(compacted)
+    layers = list(compacted.layers)
+    for k, action in zip(free, sub_plan.layers, strict=True):
+        layers[k] = replace(action, layer=k, drop=list(layers[k].drop))
+    return replace(compacted, layers=layers, made_by=sub_plan.made_by)
 
 
 def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:

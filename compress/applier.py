@@ -1,4 +1,5 @@
-"""Apply a `Plan` to a model: swap each decoder linear for the `QuantLinear` its action asks for."""
+"""Apply a `Plan` to a model: change its structure (prune, drop, tie), then swap each decoder linear for
+the `QuantLinear` its action asks for."""
 
 from __future__ import annotations
 
@@ -42,20 +43,70 @@ class LayerOutcome:
 
 
 def check_plan_fits(plan: Plan, model: nn.Module) -> None:
-    n_layers = len(decoder_layers(model))
-    if plan.n_layers != n_layers:
+    """Refuse a plan made for another model (layer count, tied shapes) or naming unknown methods."""
+    layers = decoder_layers(model)
+    if plan.n_layers != len(layers):
         raise LayerwiseError(
-            f"the plan covers {plan.n_layers} layers but the model has {n_layers}; "
+            f"the plan covers {plan.n_layers} layers but the model has {len(layers)}; "
             "make the plan from this model's scores (layerwise score / layerwise plan)"
         )
-    unsupported = sorted({a.action for a in plan.layers} - {"keep", "quantize"})
-    if unsupported:
-        raise LayerwiseError(
-            f"plan actions {unsupported} cannot be applied yet; this version applies keep and quantize"
-        )
+    for action in plan.layers:
+        if action.action == "tie":
+            assert action.tie_to is not None
+            check_tie_shapes(layers, action.layer, action.tie_to)
     methods = {spec.method for a in plan.layers for spec in _action_specs(a)}
     for method in methods:
         QUANTIZERS.get(method)  # unknown method -> error naming the choices
+
+
+def _tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+
+
+def check_tie_shapes(layers: nn.ModuleList, layer: int, to: int) -> None:
+    if _tensor_shapes(layers[layer]) != _tensor_shapes(layers[to]):
+        raise LayerwiseError(
+            f"cannot tie layer {layer} to layer {to}: their weights differ in names or shapes; tie only "
+            "layers of the same shape"
+        )
+
+
+def apply_structure(model: nn.Module, plan: Plan, tie_mode: str = "first") -> Plan:
+    """Drop sub-layers, tie and prune layers in place as `plan` says; returns the plan for the result.
+
+    `plan` numbers the model's current layers; the returned plan numbers the layers that remain
+    (`Plan.compact`). With `tie_mode="average"` each representative first takes the mean weights of
+    the layers tied to it. Everything is checked before the model is touched.
+    """
+    from layerwise.prune import average_layers, drop_sublayer, remove_layers, tie_layer
+
+    check_plan_fits(plan, model)
+    runs: dict[int, list[int]] = {}
+    for action in plan.layers:
+        if action.action == "tie":
+            assert action.tie_to is not None
+            runs.setdefault(action.tie_to, [action.tie_to]).append(action.layer)
+    for action in plan.layers:
+        for sublayer in action.drop:
+            drop_sublayer(model, action.layer, sublayer)
+    for representative, members in runs.items():
+        if tie_mode == "average":
+            average_layers(model, members, into=representative)
+        for member in members[1:]:
+            tie_layer(model, member, representative)
+    remove_layers(model, [a.layer for a in plan.layers if a.action == "prune"])
+    return plan.compact()
+
+
+def retie(model: nn.Module, plan: Plan, representative: int) -> None:
+    """Share `representative`'s (now quantized) modules again with the layers tied to it."""
+    tied = [a.layer for a in plan.layers if a.action == "tie" and a.tie_to == representative]
+    if not tied:
+        return
+    from layerwise.prune import tie_layer
+
+    for layer in tied:
+        tie_layer(model, layer, representative)
 
 
 def _action_specs(action) -> list[QuantSpec]:
@@ -133,6 +184,9 @@ def apply_plan(
     """
     QUANTIZERS.get(method)
     check_plan_fits(plan, model)
+    if any(a.action == "prune" for a in plan.layers):
+        raise LayerwiseError("the plan prunes layers: apply its structure first (apply_structure) and pass the "
+                             "plan it returns")
     calibrated = plan_needs_calibration(plan, method)
     if calibrated and windows is None:
         raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
@@ -150,6 +204,8 @@ def apply_plan(
             outcome.errors[name] = relative_error(weight, qlinear)
             outcome.sq_norms[name] = float(weight.double().pow(2).sum())
             set_submodule(step.layer, name, qlinear)
+        if names:
+            retie(model, plan, step.index)
         if calibrated:  # the next layer's inputs, through this layer as now quantized
             with dense_weights(step.layer.modules()):
                 step.outputs = step.run()

@@ -3,12 +3,14 @@
 Average bits = (bits of every decoder linear as stored, scales and zeros included) / (number of
 decoder linear weights). Embeddings, the LM head and norms are not counted; reports give them
 separately. A layer kept in full precision is counted at 16 bits per weight (fp16 storage); a pruned
-or tied layer costs nothing.
+or tied layer costs nothing (a tied layer's weights are its representative's, stored once), and so do
+the linears of a dropped sub-layer. The denominator is always the original model's weight count, so
+pruning frees budget for the layers that stay.
 """
 
 from __future__ import annotations
 
-from layerwise.types import LayerAction, LinearShapes, Plan
+from layerwise.types import LayerAction, LinearShapes, Plan, sublayer_of
 
 KEEP_BITS = 16
 
@@ -18,10 +20,12 @@ def n_weights(shapes: LinearShapes) -> int:
 
 
 def layer_bits(shapes: LinearShapes, action: LayerAction) -> int:
-    if action.action in ("prune", "tie"):
+    if action.removed:
         return 0
     total = 0
     for name, (out_f, in_f) in shapes.items():
+        if sublayer_of(name) in action.drop:
+            continue
         spec = action.module_spec(name)
         total += KEEP_BITS * out_f * in_f if spec is None else spec.storage_bits(out_f, in_f)
     return total

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,7 @@ def save_checkpoint(
 ) -> Path:
     """Write the compressed model atomically; `extra` (scores, report, metrics) goes into layerwise.json."""
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         safetensors.torch.save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
@@ -95,11 +93,23 @@ def save_checkpoint(
                          "transformers": transformers.__version__},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh hidden directory beside `out` to write into; renamed to `out` when the block succeeds,
+    removed when it fails, so `out` never holds half a result."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -147,11 +157,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
-    if len(layers) != plan.n_layers:
+    compacted = plan.compact()
+    if len(layers) != compacted.n_layers:
         raise LayerwiseError(
-            f"{path / META_FILE}: the plan covers {plan.n_layers} layers but config.json has {len(layers)}"
+            f"{path / META_FILE}: the plan keeps {compacted.n_layers} layers but config.json has {len(layers)}"
         )
-    for action, layer in zip(plan.layers, layers, strict=True):
+    _restructure(model, compacted)
+    for action, layer in zip(compacted.layers, layers, strict=True):
         for name, module in linear_modules(layer).items():
             spec = action.module_spec(name)
             if spec is None:
@@ -159,9 +171,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             out_f, in_f = linear_shape(module)
             has_bias = getattr(module, "bias", None) is not None
             set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec, bias=has_bias, dtype=dtype))
+    _tie(model, compacted)
     state = _read_weights(path / WEIGHTS_FILE)
     _validate_state(model, state, path / WEIGHTS_FILE)
     model.load_state_dict(state, strict=False, assign=True)
+    _tie(model, compacted)  # assign=True gave the representatives new tensors: share them again
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
@@ -170,6 +184,27 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return Checkpoint(model, tokenizer, plan, meta)
+
+
+def _restructure(model: nn.Module, compacted: Plan) -> None:
+    """Replace the dropped sub-layers, as `apply_structure` did before the checkpoint was saved."""
+    if not any(a.drop for a in compacted.layers):
+        return
+    from layerwise.prune import drop_sublayer
+
+    for action in compacted.layers:
+        for sublayer in action.drop:
+            drop_sublayer(model, action.layer, sublayer)
+
+
+def _tie(model: nn.Module, compacted: Plan) -> None:
+    ties = [(a.layer, a.tie_to) for a in compacted.layers if a.action == "tie"]
+    if not ties:
+        return
+    from layerwise.prune import tie_layer
+
+    for layer, to in ties:
+        tie_layer(model, layer, to)
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -182,16 +217,26 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _validate_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
-    expected = model.state_dict()
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    """Every tensor the model needs is in the file with its shape, and nothing else is.
+
+    A tensor shared by several names (tied layers, tied embeddings) is needed under its first name only,
+    which is the one `save_checkpoint` keeps.
+    """
+    expected = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    required = []
     for name, tensor in expected.items():
-        if name not in state:
-            if name in tied:
-                continue
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            required.append(name)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    for name in required:
+        if name not in state and name not in tied:
             raise LayerwiseError(f"{file}: tensor {name} is missing; the checkpoint is incomplete")
-        if tuple(state[name].shape) != tuple(tensor.shape):
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
             raise LayerwiseError(
-                f"{file}: tensor {name} has shape {tuple(state[name].shape)}, the plan needs {tuple(tensor.shape)}"
+                f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the plan needs {tuple(expected[name].shape)}"
             )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:

@@ -1,4 +1,4 @@
-"""The `layerwise` command line: score, plan, apply, compress, eval.
+"""The `layerwise` command line: score, plan, apply, compress, export, eval.
 
 Every failure the user can fix is a `LayerwiseError`, printed as one line with exit code 2; outputs
 are checked before any slow work starts and written atomically at the end.
@@ -13,7 +13,9 @@ from typing import Any
 
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.errors import LayerwiseError
+from layerwise.export import EXPORT_FORMATS
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
+from layerwise.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,6 +54,19 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
+
+
+def _add_structure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune", type=int, default=0, metavar="N", help="remove N decoder layers (default 0)")
+    p.add_argument("--prune-block", action="store_true",
+                   help="prune one contiguous block of N layers by angular distance (Gromov et al.)")
+    p.add_argument("--drop-attn", type=int, default=0, metavar="N",
+                   help="drop N attention sub-layers, the least important by the sublayer scorer")
+    p.add_argument("--drop-mlp", type=int, default=0, metavar="N", help="drop N MLP sub-layers (sublayer scorer)")
+    p.add_argument("--tie", type=int, default=0, metavar="N",
+                   help="remove N layers by tying them to a neighbour's weights (tie scorer: least measured damage)")
+    p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
+                   help="a run of tied layers uses its first layer's weights (default) or their average")
 
 
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
@@ -97,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn",
                    help=f"method for actions that name none: {_names('method')} (default rtn)")
     _add_calib(p)
+    p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
+                   help="tied layers use their representative's weights (default) or the run's average")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
     _add_output(p, "--out", "checkpoint directory to write")
 
@@ -104,13 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--uniform", type=int, default=None, metavar="BITS",
                    help="skip scoring and planning: every layer at BITS bits with --group-size")
-    p.add_argument("--scorer", default="sensitivity",
-                   help=f"importance scorer: {_names('scorer')} (default sensitivity)")
+    p.add_argument("--scorer", default=None,
+                   help=f"importance scorer: {_names('scorer')}. Picks the layers to prune when --prune is given "
+                        f"(default {DEFAULT_PRUNE_SCORER}); otherwise allocates the bits (default sensitivity)")
+    p.add_argument("--bits-scorer", default=None,
+                   help="with --prune and --bits: the scorer that allocates bits among the layers left "
+                        "(default sensitivity)")
+    _add_structure(p)
     p.add_argument("--method", default="gptq", help=f"quantization method: {_names('method')} (default gptq)")
     _add_plan_options(p)
     _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
     _add_output(p, "--out", "checkpoint directory to write")
+
+    p = sub.add_parser("export", help="write a checkpoint in a format other loaders read")
+    p.add_argument("checkpoint", help="layerwise checkpoint directory")
+    p.add_argument("--format", default="hf", choices=list(EXPORT_FORMATS),
+                   help="hf: plain Hugging Face directory (pruned-only checkpoints)")
+    _add_output(p, "--out", "directory to write")
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint by the named protocol")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory, HF directory, hub id or alias")
@@ -197,23 +225,37 @@ def run(args: argparse.Namespace) -> None:
         check_plan_fits(plan, model)
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
         result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
-                           calib_windows=args.calib_windows, calib_len=args.calib_len, progress=progress)
+                           calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
+                           progress=progress)
         _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
     elif args.command == "compress":
         check_output_dir(args.out, args.overwrite)
-        bits = args.bits if args.bits is not None or args.n_low is not None else DEFAULT_BITS
+        structural = bool(args.prune or args.drop_attn or args.drop_mlp or args.tie)
+        bits = args.bits
+        if bits is None and args.n_low is None and args.uniform is None and not structural:
+            bits = DEFAULT_BITS
+        scorer, prune_scorer = args.scorer, None
+        if args.prune:
+            scorer, prune_scorer = args.bits_scorer, args.scorer
         from layerwise.loading import load_model
 
         model, tokenizer = load_model(args.model)
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
-        result = api.compress(model, bits, scorer=args.scorer, planner=args.planner, method=args.method,
+        result = api.compress(model, bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
                               group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,
                               order=args.order, seed=args.seed, n_low=args.n_low, options=args.options,
-                              uniform=args.uniform, tokenizer=tokenizer,
+                              uniform=args.uniform, prune=args.prune, prune_block=args.prune_block,
+                              prune_scorer=prune_scorer, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp,
+                              tie=args.tie, tie_mode=args.tie_mode, tokenizer=tokenizer,
                               calib=args.calib, calib_windows=args.calib_windows, calib_len=args.calib_len,
                               progress=progress)
         result.report.model = args.model or api.DEFAULT_MODEL
         _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
+    elif args.command == "export":
+        from layerwise.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
+        print(f"wrote {args.out} ({args.format})")
     elif args.command == "eval":
         if args.json:
             _check_json_out(args.json, args.overwrite)

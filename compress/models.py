@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from layerwise.errors import LayerwiseError
+from layerwise.types import ATTENTION_NAMES as _ATTENTION_NAMES
 from layerwise.types import LinearShapes
 
 LAYER_PATHS = (
@@ -126,3 +127,39 @@ def check_causal_lm(model: nn.Module) -> None:
     layers = decoder_layers(model)
     if not any(linear_modules(layer) for layer in layers):
         raise LayerwiseError(f"the decoder layers of {type(model).__name__} contain no linear modules")
+
+
+# Sub-layers. "attn" is the module that owns the layer's KV-cache slot; "mlp" the module(s) of the
+# feed-forward block. Their contribution is the tensor each adds to the residual stream: the output of
+# the attention / MLP module itself, except where a norm sits after it (gemma's sandwich norms) or the
+# MLP is inline (OPT's fc1/fc2).
+_MLP_NAMES = (("mlp",), ("fc1", "fc2"))
+
+
+def _first_present(layer: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
+
+
+def attention_name(layer: nn.Module) -> str:
+    name = _first_present(layer, _ATTENTION_NAMES)
+    if name is None:
+        raise LayerwiseError(f"{type(layer).__name__} has no attention module ({', '.join(_ATTENTION_NAMES)})")
+    return name
+
+
+def mlp_names(layer: nn.Module) -> tuple[str, ...]:
+    for names in _MLP_NAMES:
+        if all(isinstance(getattr(layer, n, None), nn.Module) for n in names):
+            return names
+    raise LayerwiseError(f"{type(layer).__name__} has no MLP (mlp, or fc1 and fc2)")
+
+
+def _sandwich_norms(layer: nn.Module) -> bool:
+    return hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+
+
+def contribution_names(layer: nn.Module) -> dict[str, str]:
+    """The module whose output each sub-layer adds to the residual stream, by sub-layer."""
+    if _sandwich_norms(layer):
+        return {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+    return {"attn": attention_name(layer), "mlp": mlp_names(layer)[-1]}

@@ -10,7 +10,7 @@ from torch import nn
 from layerwise.applier import LayerOutcome
 from layerwise.budget import KEEP_BITS, layer_bits, n_weights
 from layerwise.models import decoder_layers, linear_modules
-from layerwise.types import LayerScores, LinearShapes, Plan
+from layerwise.types import LayerAction, LayerScores, LinearShapes, Plan
 
 
 @dataclass
@@ -23,6 +23,7 @@ class LayerRow:
     method: str | None
     avg_bits: float  # this layer's bits per weight, scale/zero overhead included
     rel_error: float | None  # ||W - Q(W)||_F / ||W||_F over the layer's linears together
+    note: str = ""  # structure: "tied to 3", "attn dropped"
 
 
 @dataclass
@@ -52,14 +53,14 @@ class Report:
         lines = [
             f"model: {self.model}   scorer: {self.scorer}   planner: {self.planner}",
             f"{'layer':>5} {'score':>9} {'action':>8} {'bits':>4} {'group':>5} {'method':>6} "
-            f"{'bits/w':>7} {'rel.err':>8}",
+            f"{'bits/w':>7} {'rel.err':>8}  note",
         ]
         for r in self.rows:
             score = "" if r.score is None else f"{r.score:9.4f}"
             err = "" if r.rel_error is None else f"{r.rel_error:8.4f}"
             lines.append(
                 f"{r.layer:>5} {score:>9} {r.action:>8} {r.bits or '':>4} {r.group_size or '':>5} "
-                f"{r.method or '':>6} {r.avg_bits:7.3f} {err:>8}"
+                f"{r.method or '':>6} {r.avg_bits:7.3f} {err:>8}  {r.note}".rstrip()
             )
         mib = 1024 * 1024
         target = "" if self.target_bits is None else f" (target {self.target_bits})"
@@ -74,6 +75,12 @@ class Report:
         return "\n".join(lines)
 
 
+def _note(action: LayerAction) -> str:
+    if action.action == "tie":
+        return f"tied to {action.tie_to}"
+    return f"{' and '.join(action.drop)} dropped" if action.drop else ""
+
+
 def build_report(
     model: nn.Module,
     plan: Plan,
@@ -84,19 +91,29 @@ def build_report(
     original_element_bytes: int,
     scores: LayerScores | None = None,
 ) -> Report:
+    """Rows for every layer of `plan` (original numbering, pruned layers included); `outcomes` carry
+    their original layer index, and layers without one (pruned, tied) show no error. `scores` may
+    number the original layers or the kept ones."""
+    by_layer = {o.layer: o for o in outcomes}
+    score_of: dict[int, float] = {}
+    if scores is not None:  # scored before restructuring (all layers) or after (the kept ones)
+        numbering = range(plan.n_layers) if scores.n_layers == plan.n_layers else plan.kept_layers()
+        score_of = dict(zip(numbering, scores.scores, strict=True))
     rows = []
-    for action, outcome, layer_shapes in zip(plan.layers, outcomes, shapes, strict=True):
+    for action, layer_shapes in zip(plan.layers, shapes, strict=True):
+        outcome = by_layer.get(action.layer)
         weights = n_weights(layer_shapes)
         rows.append(
             LayerRow(
                 layer=action.layer,
-                score=None if scores is None else scores.scores[action.layer],
+                score=score_of.get(action.layer),
                 action=action.action,
                 bits=action.bits if action.action == "quantize" else None,
                 group_size=action.group_size if action.action == "quantize" else None,
                 method=action.method,
                 avg_bits=layer_bits(layer_shapes, action) / weights,
-                rel_error=outcome.layer_error(),
+                rel_error=None if outcome is None else outcome.layer_error(),
+                note=_note(action),
             )
         )
     total_weights = sum(n_weights(s) for s in shapes)

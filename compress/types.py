@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,11 @@ BNB_SCALE_BITS = 32
 # NF4 block sizes bitsandbytes takes for 4-bit; 32 is left out: its CUDA kernels accept it only since early 2026.
 NF4_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 ACTIONS = ("keep", "quantize", "prune", "tie")
+SUBLAYERS = ("attn", "mlp")  # the two sub-layers of a decoder layer that can be dropped on their own
+# Names of the attention and MLP modules inside a decoder layer, across the supported layouts
+# (OPT has no MLP module: fc1 and fc2 sit in the layer itself).
+ATTENTION_NAMES = ("self_attn", "attn")
+MLP_MODULE_NAMES = ("mlp", "fc1", "fc2")
 
 # (out_features, in_features) of each linear module in one decoder layer, keyed by its name in the layer.
 LinearShapes = dict[str, tuple[int, int]]
@@ -117,6 +122,16 @@ class QuantSpec:
         return cls(bits, group_size, method, sym)
 
 
+def sublayer_of(module_name: str) -> str | None:
+    """``attn`` or ``mlp`` for a module named inside a decoder layer (``self_attn.q_proj``), else None."""
+    head = module_name.split(".", 1)[0]
+    if head in ATTENTION_NAMES:
+        return "attn"
+    if head in MLP_MODULE_NAMES:
+        return "mlp"
+    return None
+
+
 def parse_options(text: str | list[str], default_method: str = "rtn", default_group_size: int = 128) -> list[QuantSpec]:
     """A comma-separated option list (or a list of option strings) as QuantSpecs, duplicates removed."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -133,6 +148,8 @@ class LayerAction:
     `action` is `keep` (full precision), `quantize` (then `bits`, `group_size`, `method`, `sym` apply;
     `method=None` means "whatever `apply` is told"), `prune` or `tie` (to layer `tie_to`).
     `overrides` maps a module name inside the layer (e.g. ``mlp.down_proj``) to its own spec.
+    `drop` names sub-layers (``attn``, ``mlp``) removed from a kept or quantized layer: the layer then
+    adds nothing from them to the residual stream. Dropping both is `prune`.
     """
 
     layer: int
@@ -143,18 +160,39 @@ class LayerAction:
     sym: bool = False
     tie_to: int | None = None
     overrides: dict[str, QuantSpec] = field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise LayerwiseError(
                 f"layer {self.layer}: unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}"
             )
+        self._check_drop()
         if self.action == "quantize":
             if self.bits is None or self.group_size is None:
                 raise LayerwiseError(f"layer {self.layer}: a quantize action needs bits and group_size")
             self.spec()  # validates bits and group size
         if self.action == "tie" and self.tie_to is None:
             raise LayerwiseError(f"layer {self.layer}: a tie action needs tie_to")
+        if self.action == "tie" and self.tie_to == self.layer:
+            raise LayerwiseError(f"layer {self.layer}: a layer cannot be tied to itself")
+
+    def _check_drop(self) -> None:
+        unknown = sorted(set(self.drop) - set(SUBLAYERS))
+        if unknown:
+            raise LayerwiseError(
+                f"layer {self.layer}: cannot drop {unknown}; the sub-layers are {', '.join(SUBLAYERS)}"
+            )
+        self.drop = [s for s in SUBLAYERS if s in self.drop]
+        if self.drop and self.action not in ("keep", "quantize"):
+            raise LayerwiseError(f"layer {self.layer}: a {self.action} action cannot also drop sub-layers")
+        if len(self.drop) == len(SUBLAYERS):
+            raise LayerwiseError(f"layer {self.layer}: dropping both attn and mlp removes the layer; use prune")
+
+    @property
+    def removed(self) -> bool:
+        """True when the layer's own weights are gone from the compressed model (pruned or tied)."""
+        return self.action in ("prune", "tie")
 
     def spec(self, default_method: str = "rtn") -> QuantSpec | None:
         if self.action != "quantize":
@@ -175,6 +213,8 @@ class LayerAction:
             out["tie_to"] = self.tie_to
         if self.overrides:
             out["overrides"] = {name: asdict(spec) for name, spec in self.overrides.items()}
+        if self.drop:
+            out["drop"] = list(self.drop)
         return out
 
     @classmethod
@@ -204,6 +244,12 @@ class LayerScores:
     # Measured damage of quantizing each layer alone with each option (key: QuantSpec.option()), when the
     # scorer measures it; the `optimal` planner chooses among these options.
     option_damage: dict[str, list[float]] = field(default_factory=dict)
+    # Angular distance between the hidden states entering layer l and layer l + n, keyed by str(n), one
+    # value per start layer l (the `angular` scorer); the block of n layers with the smallest is pruned.
+    block_distance: dict[str, list[float]] = field(default_factory=dict)
+    # Measured damage of running layer j with the weights of layer j - d (tying j to j - d), keyed by
+    # str(d), one value per layer j (NaN where j - d < 0); the tie planner reads it.
+    tie_damage: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     version: int = 1
 
@@ -221,6 +267,21 @@ class LayerScores:
     def ranking(self) -> list[int]:
         """Layer indices, most important first (ties broken by layer index)."""
         return sorted(range(self.n_layers), key=lambda i: (-self.scores[i], i))
+
+    def subset(self, layers: list[int], linear_shapes: list[LinearShapes] | None = None) -> LayerScores:
+        """The per-layer values of `layers` only (in that order), e.g. the layers a pruned plan still
+        quantizes; `linear_shapes` replaces theirs (sub-layers dropped since). Block and tie values,
+        which relate layers to each other, are left out."""
+        def pick(values: list[float]) -> list[float]:
+            return [values[i] for i in layers]
+
+        return LayerScores(
+            scorer=self.scorer, scores=pick(self.scores),
+            linear_shapes=linear_shapes if linear_shapes is not None else [self.linear_shapes[i] for i in layers],
+            model=self.model, calibration=self.calibration,
+            module_scores={k: pick(v) for k, v in self.module_scores.items()},
+            option_damage={k: pick(v) for k, v in self.option_damage.items()}, seconds=self.seconds,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "layerwise.scores", **asdict(self)}
@@ -257,10 +318,65 @@ class Plan:
                 raise LayerwiseError(
                     f"plan entry {i} is for layer {action.layer}; entries must list layers 0..N-1 in order"
                 )
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        """Ties point at layers that exist and compute; some layer stays; some attention stays."""
+        if self.layers and all(a.action == "prune" for a in self.layers):
+            raise LayerwiseError("the plan prunes every layer; at least one must stay")
+        for a in self.layers:
+            if a.action != "tie":
+                continue
+            assert a.tie_to is not None
+            if not 0 <= a.tie_to < self.n_layers:
+                raise LayerwiseError(
+                    f"layer {a.layer} is tied to layer {a.tie_to}, which does not exist (the plan has "
+                    f"{self.n_layers} layers)"
+                )
+            target = self.layers[a.tie_to]
+            if target.removed or target.drop:
+                what = f"{target.action}d" if target.removed else f"has its {' and '.join(target.drop)} dropped"
+                raise LayerwiseError(
+                    f"layer {a.layer} is tied to layer {a.tie_to}, which is {what}; tie to a layer that keeps "
+                    "all its weights"
+                )
+        # A tied layer has no drops of its own and ties only to a layer without drops: it keeps attention.
+        if not any(a.action != "prune" and "attn" not in a.drop for a in self.layers):
+            raise LayerwiseError("the plan drops the attention of every layer; at least one must keep it")
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def structural(self) -> bool:
+        """Whether the plan prunes, ties or drops anything (the model's structure changes)."""
+        return any(a.removed or a.drop for a in self.layers)
+
+    def kept_layers(self) -> list[int]:
+        """Original indices of the layers that remain in the model (not pruned), in order."""
+        return [a.layer for a in self.layers if a.action != "prune"]
+
+    def compact(self) -> Plan:
+        """The plan for the model after pruning: kept layers renumbered 0..K-1, tie targets remapped."""
+        index = {old: new for new, old in enumerate(self.kept_layers())}
+        layers = [
+            replace(a, layer=index[a.layer], tie_to=None if a.tie_to is None else index[a.tie_to],
+                    overrides=dict(a.overrides), drop=list(a.drop))
+            for a in self.layers if a.action != "prune"
+        ]
+        return replace(self, layers=layers)
+
+    def expand(self, compacted: Plan) -> Plan:
+        """Inverse of `compact`: this plan with its kept layers' actions taken from `compacted`."""
+        kept = self.kept_layers()
+        if compacted.n_layers != len(kept):
+            raise LayerwiseError(f"a plan of {compacted.n_layers} layers cannot fill the {len(kept)} kept layers")
+        by_layer = {
+            kept[a.layer]: replace(a, layer=kept[a.layer], tie_to=None if a.tie_to is None else kept[a.tie_to])
+            for a in compacted.layers
+        }
+        return replace(self, layers=[by_layer.get(a.layer, a) for a in self.layers])
 
     def bits_per_layer(self) -> list[int | None]:
         return [a.bits if a.action == "quantize" else None for a in self.layers]

@@ -22,11 +22,15 @@ class LayerScorer:
     Subclasses set `name`, say whether they read activations (`needs_activations`), and implement
     `score_layer`. A scorer that reads activations gets the layer's inputs and outputs on the
     calibration windows; a weight-only scorer gets `outputs=None` and no calibration pass is run.
+    A scorer that reads the calibration windows only through whole-model forwards in `prepare` sets
+    `needs_stream = False`: when no scorer of a pass needs it, the layer stream is not run.
     """
 
     name: ClassVar[str]
-    needs_activations: ClassVar[bool] = True
+    needs_activations: ClassVar[bool] = True  # reads the calibration windows
+    needs_stream: ClassVar[bool] = True  # ...through the layer stream (step inputs and outputs)
     provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
+    progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
 
     def windows_needed(self) -> int | None:
         """How many of the calibration windows this scorer reads (None: all of them).
@@ -58,6 +62,18 @@ class LayerScorer:
         """Optional measured damage per quantization option (key: QuantSpec.option()) and layer."""
         return {}
 
+    def block_distance(self) -> dict[str, list[float]]:
+        """Optional distance between the hidden states entering layers l and l + n (key: str(n))."""
+        return {}
+
+    def tie_damage(self) -> dict[str, list[float]]:
+        """Optional measured damage of running layer j with the weights of layer j - d (key: str(d))."""
+        return {}
+
+    def finish(self, scores: list[float]) -> list[float]:
+        """Optional last word on the scores once every layer has been seen (default: unchanged)."""
+        return scores
+
 
 SCORERS: Registry[type[LayerScorer]] = Registry("scorer")
 
@@ -79,21 +95,22 @@ def score_model(
     """
     scorer_options = scorer_options or {}
     instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
-    needs_activations = any(s.needs_activations for s in instances)
+    readers = [s for s in instances if s.needs_activations]
+    needs_activations = bool(readers)
+    streaming = any(s.needs_stream for s in readers)
     if needs_activations and windows is None:
         raise ValueError(f"scorers {scorers} need calibration windows")
     values: dict[str, list[float]] = {s.name: [] for s in instances}
     start = time.perf_counter()
-    if needs_activations and windows is not None:
-        wanted = [s.windows_needed() for s in instances if s.needs_activations]
-        if None not in wanted:
-            windows = windows[: max(n for n in wanted if n is not None)]
+    if windows is not None:
+        windows = _windows_for(readers, windows)
     for scorer in instances:
+        scorer.progress = progress
         scorer.prepare(model, windows, batch_size)
-    if needs_activations:
+    if streaming:
         assert windows is not None
-        steps = stream_layers(model, windows, batch_size=batch_size, progress=progress,
-                              desc=f"scoring ({', '.join(scorers)})")
+        steps = stream_layers(model, _windows_for([s for s in readers if s.needs_stream], windows),
+                              batch_size=batch_size, progress=progress, desc=f"scoring ({', '.join(scorers)})")
     else:
         layers = decoder_layers(model)
         steps = (
@@ -104,10 +121,11 @@ def score_model(
         with ExitStack() as observing:
             for scorer in instances:
                 observing.enter_context(scorer.observe(step))
-            outputs = step.run() if needs_activations else None
+            outputs = step.run() if streaming else None
         step.outputs = outputs
         for scorer in instances:
             values[scorer.name].append(float(scorer.score_layer(step, outputs)))
+    values = {s.name: [float(v) for v in s.finish(values[s.name])] for s in instances}
     seconds = time.perf_counter() - start
     shapes = layer_linear_shapes(model)
     calib = dict(calibration or {}) if needs_activations else {}
@@ -122,7 +140,17 @@ def score_model(
             calibration=calib if s.needs_activations else {},
             module_scores=s.module_scores(),
             option_damage=s.option_damage(),
+            block_distance=s.block_distance(),
+            tie_damage=s.tie_damage(),
             seconds=seconds,
         )
         for s in instances
     }
+
+
+def _windows_for(scorers: list[LayerScorer], windows: torch.Tensor) -> torch.Tensor:
+    """The leading windows that cover what `scorers` read (all of them if any reads all)."""
+    wanted = [s.windows_needed() for s in scorers]
+    if not wanted or None in wanted:
+        return windows
+    return windows[: max(n for n in wanted if n is not None)]

@@ -1,0 +1,184 @@
+"""Pruning and tying on the default model: perplexity vs layers removed, and quantize vs prune vs tie
+at equal size.
+
+Default model (SmolLM2-135M-Instruct, fp32, 30 layers), default protocol (wiki-16k-w1024), 64
+calibration windows of 512 tokens (the library default).
+
+  layers      perplexity after removing 0..10 layers, for each structural scorer: lim (ShortGPT's Block
+              Influence ranking), angular (lowest distance per layer), angular-block (the best
+              contiguous block, Gromov et al.), ppl_drop (greedy calibration loss, SLEB-like), and the
+              tie scorer removing layers by tying them to a neighbour (first and average modes).
+  equal-size  at the size of uniform 2-, 3- and 4-bit GPTQ (group 128; average bits per original decoder
+              weight, overhead included): uniform GPTQ at that width; prune k layers + uniform GPTQ one
+              width up (8 bits above 4) with k the fewest that fit; tie k layers + the same; prune only,
+              the rest kept in fp16 (16 bits a weight).
+
+Each finished run is written to the JSON at once and skipped on a rerun, so the script resumes.
+
+    python benchmarks/prune.py --part layers --out benchmarks/results/prune.json
+    python benchmarks/prune.py --part equal-size --out benchmarks/results/prune.json
+    python benchmarks/prune.py --report benchmarks/results/prune.json --plot docs/prune.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from layerwise.api import compress
+from layerwise.applier import apply_structure
+from layerwise.budget import average_bits
+from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.eval import DEFAULT_PROTOCOL, perplexity
+from layerwise.importance import score_model
+from layerwise.loading import load_model
+from layerwise.models import layer_linear_shapes
+from layerwise.planners import uniform_plan
+from layerwise.structure import StructureConfig, plan_structure
+from layerwise.types import LayerScores, Plan
+
+MAX_REMOVED = 10
+CURVES = ("lim", "angular", "angular-block", "ppl_drop", "tie-first", "tie-average")
+SIZES = (2, 3, 4)
+NEXT_WIDTH = {2: 3, 3: 4, 4: 8}
+BEST_PRUNE = "ppl_drop"  # the equal-size runs prune with the scorer that did best in part `layers`
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"layers": {}, "equal_size": {}}
+
+
+def save_results(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _structure(curve: str, n: int) -> StructureConfig:
+    if curve.startswith("tie-"):
+        return StructureConfig(tie=n, tie_mode=curve.removeprefix("tie-"))
+    return StructureConfig(prune=n, block=curve == "angular-block")
+
+
+def _scorer(curve: str) -> str:
+    return "tie" if curve.startswith("tie-") else curve.removesuffix("-block")
+
+
+def run_layers(results: dict, out: Path, windows: torch.Tensor) -> None:
+    model, tokenizer = load_model(None)
+    n_layers = len(layer_linear_shapes(model))
+    scores: dict[str, LayerScores] = {}
+    for curve in CURVES:
+        runs = results["layers"].setdefault(curve, {})
+        for n in range(MAX_REMOVED + 1):
+            if str(n) in runs:
+                continue
+            name = _scorer(curve)
+            if name not in scores:
+                scores[name] = score_model(model, [name], windows, model_name="smollm2-135m")[name]
+                results.setdefault("scores", {})[name] = scores[name].to_dict()
+            config = _structure(curve, n)
+            role = "tie" if config.tie else "prune"
+            actions = plan_structure(n_layers, config, **{f"{role}_scores": scores[name]})
+            fresh, _ = load_model(None)
+            apply_structure(fresh, Plan(actions), config.tie_mode)
+            ppl = perplexity(fresh, tokenizer, DEFAULT_PROTOCOL).perplexity
+            removed = [a.layer for a in actions if a.removed]
+            runs[str(n)] = {"perplexity": ppl, "removed": removed}
+            print(f"{curve:14s} n={n:2d} ppl={ppl:10.3f} removed={removed}", flush=True)
+            save_results(out, results)
+
+
+def _fit_count(shapes, width: int, size_bits: float, keep_bits: float | None = None) -> int:
+    """Fewest layers to remove so the rest at `width` (or kept at 16 bits) cost at most `size_bits`."""
+    n_layers = len(shapes)
+    per_layer = (keep_bits or uniform_plan(shapes, width).avg_bits) / n_layers
+    return max(0, math.ceil(n_layers - size_bits / per_layer - 1e-9))
+
+
+def run_equal_size(results: dict, out: Path, windows: torch.Tensor) -> None:
+    model, tokenizer = load_model(None)
+    shapes = layer_linear_shapes(model)
+    for bits in SIZES:
+        size = uniform_plan(shapes, bits).avg_bits
+        wider = NEXT_WIDTH[bits]
+        k_quant = _fit_count(shapes, wider, size)
+        k_fp16 = _fit_count(shapes, wider, size, keep_bits=16.0)
+        runs = {
+            f"uniform-{bits}b": dict(uniform=bits),
+            f"prune{k_quant}+uniform-{wider}b": dict(uniform=wider, prune=k_quant, prune_scorer=BEST_PRUNE),
+            f"tie{k_quant}+uniform-{wider}b": dict(uniform=wider, tie=k_quant),
+            f"prune{k_fp16}-fp16": dict(bits=None, prune=k_fp16, prune_scorer=BEST_PRUNE),
+        }
+        cell = results["equal_size"].setdefault(str(bits), {"size_bits": size})
+        for label, kwargs in runs.items():
+            if label in cell:
+                continue
+            fresh, _ = load_model(None)
+            kwargs = {"bits": None, **kwargs}
+            result = compress(fresh, tokenizer=tokenizer, calib=windows, method="gptq", progress=False, **kwargs)
+            avg = average_bits(result.plan.layers, shapes)  # kept fp layers count 16 bits a weight
+            ppl = perplexity(result.model, tokenizer, DEFAULT_PROTOCOL).perplexity
+            cell[label] = {"perplexity": ppl, "avg_bits": avg}
+            print(f"size {bits}b ({size:.3f}): {label:24s} bits={avg:.3f} ppl={ppl:.3f}", flush=True)
+            save_results(out, results)
+
+
+def report(results: dict, plot: str | None) -> str:
+    lines = ["| layers removed | " + " | ".join(CURVES) + " |", "|---" * (len(CURVES) + 1) + "|"]
+    for n in range(MAX_REMOVED + 1):
+        cells = [f"{results['layers'].get(c, {}).get(str(n), {}).get('perplexity', math.nan):.2f}" for c in CURVES]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "| size of | run | avg bits | perplexity |", "|---|---|---|---|"]
+    for bits, cell in sorted(results.get("equal_size", {}).items()):
+        for label, run in cell.items():
+            if isinstance(run, dict):
+                lines.append(f"| uniform {bits}-bit ({cell['size_bits']:.3f}) | {label} | {run['avg_bits']:.3f} | "
+                             f"{run['perplexity']:.2f} |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for curve in CURVES:
+            runs = results["layers"].get(curve, {})
+            xs = sorted(int(n) for n in runs)
+            ax.plot(xs, [runs[str(x)]["perplexity"] for x in xs], marker="o", label=curve)
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder layers removed (of 30)")
+        ax.set_ylabel(f"perplexity ({DEFAULT_PROTOCOL.name})")
+        ax.set_title("SmolLM2-135M-Instruct: pruning and tying")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["layers", "equal-size"], default=None)
+    parser.add_argument("--out", default="benchmarks/results/prune.json")
+    parser.add_argument("--report", default=None, help="print the tables of this results JSON")
+    parser.add_argument("--plot", default=None, help="with --report: write the PNG here")
+    args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text()), args.plot))
+        return
+    if args.part is None:
+        parser.error("give --part or --report")
+    out = Path(args.out)
+    results = load_results(out)
+    _, tokenizer = load_model(None)
+    windows = calibration_windows(tokenizer, "wikipedia", DEFAULT_CALIB_WINDOWS, DEFAULT_CALIB_LEN)
+    (run_layers if args.part == "layers" else run_equal_size)(results, out, windows)
+
+
+if __name__ == "__main__":
+    main()
