@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.api import compress
+from layerwise.api import apply
 from layerwise.applier import apply_structure
 from layerwise.budget import average_bits
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
@@ -39,13 +39,16 @@ from layerwise.loading import load_model
 from layerwise.models import layer_linear_shapes
 from layerwise.planners import uniform_plan
 from layerwise.structure import StructureConfig, plan_structure
-from layerwise.types import LayerScores, Plan
+from layerwise.types import LayerAction, LayerScores, Plan
 
 MAX_REMOVED = 10
 CURVES = ("lim", "angular", "angular-block", "ppl_drop", "tie-first", "tie-average")
 SIZES = (2, 3, 4)
 NEXT_WIDTH = {2: 3, 3: 4, 4: 8}
-BEST_PRUNE = "ppl_drop"  # the equal-size runs prune with the scorer that did best in part `layers`
+GROUP_SIZE = 128
+# The equal-size runs prune and tie the way that did best in part `layers`.
+BEST_PRUNE = "ppl_drop"
+BEST_TIE_MODE = "first"
 
 
 def load_results(path: Path) -> dict:
@@ -68,18 +71,21 @@ def _scorer(curve: str) -> str:
     return "tie" if curve.startswith("tie-") else curve.removesuffix("-block")
 
 
-def run_layers(results: dict, out: Path, windows: torch.Tensor) -> None:
+def run_layers(results: dict, out: Path, windows: torch.Tensor, curves: list[str], counts: list[int],
+               ppl_drop_windows: int | None = None) -> None:
     model, tokenizer = load_model(None)
     n_layers = len(layer_linear_shapes(model))
     scores: dict[str, LayerScores] = {}
-    for curve in CURVES:
+    for curve in curves:
         runs = results["layers"].setdefault(curve, {})
-        for n in range(MAX_REMOVED + 1):
+        for n in counts:
             if str(n) in runs:
                 continue
             name = _scorer(curve)
             if name not in scores:
-                scores[name] = score_model(model, [name], windows, model_name="smollm2-135m")[name]
+                options = {"ppl_drop": {"windows": ppl_drop_windows}} if ppl_drop_windows else {}
+                scores[name] = score_model(model, [name], windows, model_name="smollm2-135m",
+                                           scorer_options=options)[name]
                 results.setdefault("scores", {})[name] = scores[name].to_dict()
             config = _structure(curve, n)
             role = "tie" if config.tie else "prune"
@@ -96,34 +102,54 @@ def run_layers(results: dict, out: Path, windows: torch.Tensor) -> None:
 def _fit_count(shapes, width: int, size_bits: float, keep_bits: float | None = None) -> int:
     """Fewest layers to remove so the rest at `width` (or kept at 16 bits) cost at most `size_bits`."""
     n_layers = len(shapes)
-    per_layer = (keep_bits or uniform_plan(shapes, width).avg_bits) / n_layers
+    per_layer = (keep_bits or uniform_plan(shapes, width, GROUP_SIZE).avg_bits) / n_layers
     return max(0, math.ceil(n_layers - size_bits / per_layer - 1e-9))
 
 
-def run_equal_size(results: dict, out: Path, windows: torch.Tensor) -> None:
+def _structured_uniform(n_layers: int, config: StructureConfig, scores: LayerScores, bits: int | None) -> Plan:
+    """The structural plan of `config`, with every layer that keeps weights of its own at `bits` (or kept)."""
+    role = "tie" if config.tie else "prune"
+    actions = plan_structure(n_layers, config, **{f"{role}_scores": scores})  # type: ignore[arg-type]
+    if bits is not None:
+        actions = [a if a.removed else LayerAction(a.layer, "quantize", bits, GROUP_SIZE) for a in actions]
+    return Plan(actions)
+
+
+def run_equal_size(
+    results: dict, out: Path, windows: torch.Tensor, prune_scorer: str = BEST_PRUNE, only: str | None = None
+) -> None:
+    """Uses the scores the `layers` part saved, so run that part first."""
     model, tokenizer = load_model(None)
     shapes = layer_linear_shapes(model)
+    n_layers = len(shapes)
+    saved = {name: LayerScores.from_dict(data) for name, data in results.get("scores", {}).items()}
+    prune_scores, tie_scores = saved.get(prune_scorer), saved.get("tie")
     for bits in SIZES:
-        size = uniform_plan(shapes, bits).avg_bits
+        size = uniform_plan(shapes, bits, GROUP_SIZE).avg_bits
         wider = NEXT_WIDTH[bits]
         k_quant = _fit_count(shapes, wider, size)
         k_fp16 = _fit_count(shapes, wider, size, keep_bits=16.0)
         runs = {
-            f"uniform-{bits}b": dict(uniform=bits),
-            f"prune{k_quant}+uniform-{wider}b": dict(uniform=wider, prune=k_quant, prune_scorer=BEST_PRUNE),
-            f"tie{k_quant}+uniform-{wider}b": dict(uniform=wider, tie=k_quant),
-            f"prune{k_fp16}-fp16": dict(bits=None, prune=k_fp16, prune_scorer=BEST_PRUNE),
+            f"uniform-{bits}b": (StructureConfig(), LayerScores("none", [0.0] * n_layers, shapes), bits),
+            f"prune{k_quant}+uniform-{wider}b": (StructureConfig(prune=k_quant), prune_scores, wider),
+            f"tie{k_quant}+uniform-{wider}b": (StructureConfig(tie=k_quant, tie_mode=BEST_TIE_MODE), tie_scores, wider),
+            f"prune{k_fp16}-fp16": (StructureConfig(prune=k_fp16), prune_scores, None),
         }
         cell = results["equal_size"].setdefault(str(bits), {"size_bits": size})
-        for label, kwargs in runs.items():
-            if label in cell:
+        for label, (config, scores, width) in runs.items():
+            if label in cell or (only and not label.startswith(only)):
                 continue
+            if scores is None:
+                print(f"size {bits}b: {label}: skipped, run part `layers` first for its scores", flush=True)
+                continue
+            plan = _structured_uniform(n_layers, config, scores, width)
             fresh, _ = load_model(None)
-            kwargs = {"bits": None, **kwargs}
-            result = compress(fresh, tokenizer=tokenizer, calib=windows, method="gptq", progress=False, **kwargs)
-            avg = average_bits(result.plan.layers, shapes)  # kept fp layers count 16 bits a weight
+            result = apply(fresh, plan, "gptq", tokenizer=tokenizer, calib=windows, tie_mode=config.tie_mode,
+                           progress=False)
+            avg = average_bits(plan.layers, shapes)  # kept fp layers count 16 bits a weight
             ppl = perplexity(result.model, tokenizer, DEFAULT_PROTOCOL).perplexity
-            cell[label] = {"perplexity": ppl, "avg_bits": avg}
+            cell[label] = {"perplexity": ppl, "avg_bits": avg, "removed": [a.layer for a in plan.layers if a.removed],
+                           "scorer": scores.scorer}
             print(f"size {bits}b ({size:.3f}): {label:24s} bits={avg:.3f} ppl={ppl:.3f}", flush=True)
             save_results(out, results)
 
@@ -131,14 +157,15 @@ def run_equal_size(results: dict, out: Path, windows: torch.Tensor) -> None:
 def report(results: dict, plot: str | None) -> str:
     lines = ["| layers removed | " + " | ".join(CURVES) + " |", "|---" * (len(CURVES) + 1) + "|"]
     for n in range(MAX_REMOVED + 1):
-        cells = [f"{results['layers'].get(c, {}).get(str(n), {}).get('perplexity', math.nan):.2f}" for c in CURVES]
+        runs = [results["layers"].get(c, {}).get(str(n)) for c in CURVES]
+        cells = ["-" if run is None else f"{run['perplexity']:,.2f}" for run in runs]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "| size of | run | avg bits | perplexity |", "|---|---|---|---|"]
     for bits, cell in sorted(results.get("equal_size", {}).items()):
         for label, run in cell.items():
             if isinstance(run, dict):
                 lines.append(f"| uniform {bits}-bit ({cell['size_bits']:.3f}) | {label} | {run['avg_bits']:.3f} | "
-                             f"{run['perplexity']:.2f} |")
+                             f"{run['perplexity']:,.2f} |")
     if plot:
         import matplotlib
 
@@ -165,6 +192,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["layers", "equal-size"], default=None)
     parser.add_argument("--out", default="benchmarks/results/prune.json")
+    parser.add_argument("--curves", default=",".join(CURVES), help="part layers: which curves")
+    parser.add_argument("--removed", default=f"0-{MAX_REMOVED}", help="part layers: layer counts, e.g. 0-10 or 1,3,5")
+    parser.add_argument("--ppl-drop-windows", type=int, default=None,
+                        help="part layers: calibration windows of ppl_drop (default: the scorer's, 16)")
+    parser.add_argument("--prune-scorer", default=BEST_PRUNE, help="part equal-size: the scorer that prunes")
+    parser.add_argument("--only", default=None, help="part equal-size: only runs whose label starts so (e.g. prune)")
     parser.add_argument("--report", default=None, help="print the tables of this results JSON")
     parser.add_argument("--plot", default=None, help="with --report: write the PNG here")
     args = parser.parse_args()
@@ -177,7 +210,12 @@ def main() -> None:
     results = load_results(out)
     _, tokenizer = load_model(None)
     windows = calibration_windows(tokenizer, "wikipedia", DEFAULT_CALIB_WINDOWS, DEFAULT_CALIB_LEN)
-    (run_layers if args.part == "layers" else run_equal_size)(results, out, windows)
+    if args.part == "layers":
+        first, _, last = args.removed.partition("-")
+        counts = list(range(int(first), int(last) + 1)) if last else [int(n) for n in args.removed.split(",")]
+        run_layers(results, out, windows, args.curves.split(","), counts, args.ppl_drop_windows)
+    else:
+        run_equal_size(results, out, windows, args.prune_scorer, args.only)
 
 
 if __name__ == "__main__":

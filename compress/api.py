@@ -284,7 +284,7 @@ def compress(
     if structural_scorers:
         structure_plan = _plan_structure(model, structure, structural_scorers, calib, name, calib_summary, progress)
     compacted = apply_structure(model, structure_plan, tie_mode) if structure_plan.structural else structure_plan
-    scores = None
+    scores, target_bits = None, bits if quantizing and uniform is None else None
     if not quantizing:
         quantized = compacted
     elif uniform is not None:
@@ -296,17 +296,13 @@ def compress(
         scores.model = name
         if scores.calibration:
             scores.calibration = calib_summary
-        free = _free_layers(compacted)
         free_shapes = _free_shapes(model, compacted)
-        # The budget counts the original model's weights; what pruning and tying removed is free to spend.
-        free_bits = None if bits is None else bits * sum(map(n_weights, shapes)) / sum(map(n_weights, free_shapes))
-        if free_bits is not None and "high" in {f.name for f in fields(plan_fn.config_class)}:  # type: ignore[attr-defined]
-            # More budget than every free layer at the high width needs: spend what that takes.
-            free_bits = min(free_bits, uniform_plan(free_shapes, high, group_size, sym=sym).avg_bits)
-        sub_plan = make_plan(scores.subset(free, free_shapes), free_bits, **plan_options)
+        if bits is not None and structure_plan.structural:
+            bits = _free_budget(bits, shapes, free_shapes, plan_fn, high, group_size, sym)
+        sub_plan = make_plan(scores.subset(_free_layers(compacted), free_shapes), bits, **plan_options)
         quantized = _fill(compacted, sub_plan)
     plan = structure_plan.expand(quantized)
-    plan.target_bits = bits if quantizing and uniform is None else None
+    plan.target_bits = target_bits
     plan.avg_bits = average_bits(plan.layers, shapes)
     plan.made_by = {**(quantized.made_by if quantizing else {}), **structure_plan.made_by}
     windows = calib if isinstance(calib, torch.Tensor) and plan_needs_calibration(plan, method) else None
@@ -332,6 +328,19 @@ def _plan_structure(
     actions = plan_structure(len(decoder_layers(model)), structure,
                              **{f"{role}_scores": results[scorer] for role, scorer in scorers.items()})
     return Plan(actions, made_by={"structure": asdict(structure), "structure_scorers": scorers})
+
+
+def _free_budget(bits: float, shapes: list[LinearShapes], free_shapes: list[LinearShapes], plan_fn: Any,
+                 high: int, group_size: int, sym: bool) -> float:
+    """`bits` over the original weights as average bits over the weights left to quantize.
+
+    What pruning, tying and dropping removed is free to spend. A two-width planner cannot spend more
+    than every layer at its high width costs, so the budget is capped there.
+    """
+    free_bits = bits * sum(map(n_weights, shapes)) / sum(map(n_weights, free_shapes))
+    if "high" in {f.name for f in fields(plan_fn.config_class)}:
+        free_bits = min(free_bits, uniform_plan(free_shapes, high, group_size, sym=sym).avg_bits)
+    return free_bits
 
 
 def _free_layers(compacted: Plan) -> list[int]:

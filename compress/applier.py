@@ -50,25 +50,15 @@ def check_plan_fits(plan: Plan, model: nn.Module) -> None:
             f"the plan covers {plan.n_layers} layers but the model has {len(layers)}; "
             "make the plan from this model's scores (layerwise score / layerwise plan)"
         )
-    for action in plan.layers:
-        if action.action == "tie":
-            assert action.tie_to is not None
-            check_tie_shapes(layers, action.layer, action.tie_to)
+    ties = [(a.layer, a.tie_to) for a in plan.layers if a.action == "tie"]
+    if ties:
+        from layerwise.prune import check_tie
+
+        for layer, to in ties:
+            check_tie(model, layer, to)
     methods = {spec.method for a in plan.layers for spec in _action_specs(a)}
     for method in methods:
         QUANTIZERS.get(method)  # unknown method -> error naming the choices
-
-
-def _tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(t.shape) for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
-
-
-def check_tie_shapes(layers: nn.ModuleList, layer: int, to: int) -> None:
-    if _tensor_shapes(layers[layer]) != _tensor_shapes(layers[to]):
-        raise LayerwiseError(
-            f"cannot tie layer {layer} to layer {to}: their weights differ in names or shapes; tie only "
-            "layers of the same shape"
-        )
 
 
 def apply_structure(model: nn.Module, plan: Plan, tie_mode: str = "first") -> Plan:

@@ -7,13 +7,14 @@ prune / drop / tie actions through these.
 
 from layerwise.prune.layers import remove_layers
 from layerwise.prune.sublayers import DroppedAttention, DroppedLinear, DroppedMLP, drop_sublayer, dropped_sublayers
-from layerwise.prune.tying import average_layers, tie_layer, tied_to
+from layerwise.prune.tying import average_layers, check_tie, tie_layer, tied_to
 
 __all__ = [
     "DroppedAttention",
     "DroppedLinear",
     "DroppedMLP",
     "average_layers",
+    "check_tie",
     "drop_sublayer",
     "dropped_sublayers",
     "remove_layers",

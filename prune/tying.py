@@ -62,6 +62,15 @@ def _layout(layer: nn.Module) -> dict[str, Signature]:
     return layout
 
 
+def check_tie(model: nn.Module, layer: int, to: int) -> None:
+    """Raise unless `layer` can be tied to `to` (indices in range, distinct, same modules and shapes)."""
+    check_layer_index(model, layer)
+    check_layer_index(model, to, "tie target")
+    if layer == to:
+        raise LayerwiseError(f"cannot tie layer {layer} to itself; name another layer")
+    _check_same_layout(decoder_layers(model), layer, to)
+
+
 def _check_same_layout(layers: nn.ModuleList, layer: int, to: int) -> None:
     mine, theirs = _layout(layers[layer]), _layout(layers[to])
     if mine == theirs:
@@ -86,13 +95,8 @@ def tie_layer(model: nn.Module, layer: int, to: int) -> None:
     its own attention module, ``layer_idx`` and KV-cache slot. Whether `to` is itself kept is the caller's
     business.
     """
+    check_tie(model, layer, to)
     layers = decoder_layers(model)
-    check_layer_index(model, layer)
-    check_layer_index(model, to, "tie target")
-    if layer == to:
-        raise LayerwiseError(f"cannot tie layer {layer} to itself; name another layer")
-    _check_same_layout(layers, layer, to)
-
     target, representative = layers[layer], layers[to]
     whole, direct = _weight_holders(representative)
     for name, module in whole.items():
