@@ -75,7 +75,8 @@ def run_layers(results: dict, out: Path, windows: torch.Tensor, curves: list[str
                ppl_drop_windows: int | None = None) -> None:
     model, tokenizer = load_model(None)
     n_layers = len(layer_linear_shapes(model))
-    scores: dict[str, LayerScores] = {}
+    # Scores saved by an earlier (interrupted) run are reused: a rerun only evaluates what is missing.
+    scores = {name: LayerScores.from_dict(data) for name, data in results.get("scores", {}).items()}
     for curve in curves:
         runs = results["layers"].setdefault(curve, {})
         for n in counts:
