@@ -1,4 +1,4 @@
-"""The `layerwise` command line: score, plan, apply, compress, export, eval.
+"""The `layerwise` command line: score, plan, apply, compress, export, eval, report.
 
 Every failure the user can fix is a `LayerwiseError`, printed as one line with exit code 2; outputs
 are checked before any slow work starts and written atomically at the end.
@@ -74,6 +74,24 @@ def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from layerwise.eval.wiki_tasks import OFFLINE_TASKS
+
+    p.add_argument("--tasks", default="ppl",
+                   help="comma-separated: ppl (layerwise's perplexity protocol, default), the offline tasks "
+                        f"{', '.join(OFFLINE_TASKS)}, or lm-eval task names (needs pip install 'layerwise[eval]')")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="lm-eval requests per forward (default 32); rolling perplexity and ppl go one window at a time")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most this many documents per lm-eval task (a fraction if below 1); for quick checks")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a directory of your own lm-eval task YAMLs (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="ppl: evaluation tokens (default: the protocol's 16384)")
+    p.add_argument("--window", type=int, default=None, help="ppl: window length (default: the protocol's 1024)")
+
+
 def _names(kind: str) -> str:
     """The registered names of one kind, so the help lists exactly what the API accepts."""
     from layerwise.importance import SCORERS
@@ -140,11 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: plain Hugging Face directory (pruned-only checkpoints)")
     _add_output(p, "--out", "directory to write")
 
-    p = sub.add_parser("eval", help="perplexity of a model or checkpoint by the named protocol")
+    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model or checkpoint")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory, HF directory, hub id or alias")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16384)")
-    p.add_argument("--window", type=int, default=None, help="window length (default: the protocol's 1024)")
+    _add_eval_options(p)
     _add_output(p, "--json", "where to write the result JSON", required=False)
+
+    p = sub.add_parser("report", help="compare the original model and compressed checkpoints (Markdown + plots)")
+    p.add_argument("inputs", nargs="+", metavar="MODEL_OR_CKPT",
+                   help="checkpoint directories, HF model directories or the alias smollm2-135m")
+    p.add_argument("--results", nargs="+", default=[], metavar="FILE",
+                   help="JSON files from `layerwise eval --json`; the inputs they name are not evaluated again")
+    _add_eval_options(p)
+    _add_output(p, "--out", "directory to write report.md, results.json, per_layer.png and ppl_vs_size.png")
     return parser
 
 
@@ -259,30 +284,47 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         if args.json:
             _check_json_out(args.json, args.overwrite)
-        from layerwise.eval import perplexity
+        from layerwise.eval import evaluate
 
-        model, tokenizer = load_any(args.model)
-        result = perplexity(model, tokenizer, _protocol(args.max_tokens, args.window), progress=progress)
-        print(f"perplexity: {result.perplexity:.3f}\nprotocol: {result.protocol_description}\n"
-              f"tokens: {result.tokens}  ({result.seconds:.1f} s)")
+        result = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=_limit(args.limit),
+                          num_fewshot=args.num_fewshot, protocol=_protocol(args.max_tokens, args.window),
+                          include_path=args.include_path, progress=progress)
+        _print_eval(result)
         if args.json:
-            from layerwise.types import write_json_atomic
-
-            write_json_atomic(args.json, {"model": args.model or api.DEFAULT_MODEL, **result.to_dict()})
+            result.save(args.json)
             print(f"wrote {args.json}")
+    elif args.command == "report":
+        from layerwise.eval import report
+
+        entries = report(args.inputs, args.out, tasks=args.tasks, results=args.results, batch_size=args.batch_size,
+                         limit=_limit(args.limit), protocol=_protocol(args.max_tokens, args.window),
+                         include_path=args.include_path, overwrite=args.overwrite, progress=progress)
+        for entry in entries:
+            bits = "" if entry.avg_bits is None else f", {entry.avg_bits:.3f} bits"
+            ppl = entry.eval.perplexity if entry.eval else None
+            print(f"{entry.name}: {entry.size_bytes / 2**20:.1f} MiB{bits}"
+                  + ("" if ppl is None else f", perplexity {ppl:.3f}"))
+        print(f"wrote {args.out} (report.md, results.json, per_layer.png, ppl_vs_size.png)")
 
 
-def load_any(path: str | None):
-    """A layerwise checkpoint if the directory has layerwise.json, else a plain model (dir, hub id, alias)."""
-    from layerwise.checkpoint import is_checkpoint, load_checkpoint
-    from layerwise.loading import load_model
+def _limit(value: float | None) -> int | float | None:
+    """--limit 50 means 50 documents (an int for lm-eval); --limit 0.1 means a tenth."""
+    return int(value) if value is not None and value >= 1 and value == int(value) else value
 
-    if path is not None and is_checkpoint(path):
-        ckpt = load_checkpoint(path)
-        if ckpt.tokenizer is None:
-            raise LayerwiseError(f"checkpoint {path} has no tokenizer files; it cannot be evaluated on text")
-        return ckpt.model, ckpt.tokenizer
-    return load_model(path)
+
+def _print_eval(result) -> None:
+    for task, metrics in result.results.items():
+        if task == "ppl":  # the lines `layerwise eval` has always printed
+            print(f"perplexity: {metrics['perplexity']:.3f}\nprotocol: {metrics['protocol_description']}\n"
+                  f"tokens: {metrics['tokens']}  ({metrics['seconds']:.1f} s)")
+            continue
+        shown = []
+        for name, value in metrics.items():
+            if isinstance(value, float) and not name.endswith("_stderr") and name != "seconds":
+                stderr = metrics.get(f"{name}_stderr")
+                shown.append(f"{name} {value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) else ""))
+        timing = f"  ({metrics['seconds']:.1f} s)" if "seconds" in metrics else ""
+        print(f"{task}: {', '.join(shown)}  [{metrics.get('samples', '?')} docs]{timing}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ def test_score_plan_apply_eval(tiny_model_dir, scores_file, tmp_path, capsys):
     res = tmp_path / "res.json"
     code, out, _ = run("eval", ckpt, "--max-tokens", 256, "--window", 64, "--json", res, capsys=capsys)
     assert code == 0
-    result = json.loads(res.read_text())
+    result = json.loads(res.read_text())["results"]["ppl"]
     assert result["perplexity"] > 1 and result["tokens"] == 4 * 63 and result["protocol"]
 
 
