@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint in a format other loaders read")
     p.add_argument("checkpoint", help="layerwise checkpoint directory")
     p.add_argument("--format", default="hf", choices=list(EXPORT_FORMATS),
-                   help="hf: plain Hugging Face directory (pruned-only checkpoints)")
+                   help="hf: plain Hugging Face directory (pruned-only checkpoints); compressed-tensors: "
+                        "pack-quantized with per-module bits (transformers, vLLM); quanto: optimum-quanto "
+                        "qint2/qint4/qint8 (QuantizedModelForCausalLM)")
     _add_output(p, "--out", "directory to write")
 
     p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model or checkpoint")

@@ -5,6 +5,11 @@
 transformers can represent a model with fewer layers (config.json says how many), so pruned-only
 checkpoints export; quantized modules (layerwise's packed format), tied layers (shared weights) and
 dropped sub-layers have no plain-HF form, and such checkpoints are refused with the reason.
+
+``compressed-tensors`` (`layerwise.export_compressed_tensors`): pack-quantized, per-module bits, read by
+transformers (and vLLM). ``quanto`` (`layerwise.export_quanto`): optimum-quanto's qint2/qint4/qint8
+serialization. Both hold pruned and quantized layers; both refuse ties, dropped sub-layers and the
+bitsandbytes methods, and name any module whose grouping they cannot represent exactly.
 """
 
 from __future__ import annotations
@@ -12,43 +17,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layerwise.checkpoint import atomic_dir, check_output_dir, load_checkpoint, read_meta
-from layerwise.errors import LayerwiseError
+# Imported for their registrations in EXPORTERS.
+import layerwise.export_compressed_tensors  # noqa: F401
+import layerwise.export_quanto  # noqa: F401
+from layerwise.checkpoint import Checkpoint, atomic_dir, check_output_dir, load_checkpoint, read_meta
+from layerwise.export_common import EXPORTERS, Exporter, refuse, structure_blockers
 from layerwise.loading import quiet_transformers
 from layerwise.types import Plan
 
-EXPORT_FORMATS = ("hf",)
+
+class HfExporter(Exporter):
+    name = "hf"
+    title = "a plain Hugging Face model"
+    advice = ("Plain transformers represents pruned layers only; load this checkpoint with layerwise.load, "
+              "or export quantized checkpoints with --format compressed-tensors or quanto")
+
+    def blockers(self, plan: Plan) -> list[str]:
+        quantized = [a.layer for a in plan.layers if a.action == "quantize" or a.overrides]
+        return ([f"layers {quantized} are quantized"] if quantized else []) + structure_blockers(plan)
+
+    def write(self, ckpt: Checkpoint, out: Path) -> None:
+        with quiet_transformers():
+            ckpt.model.save_pretrained(out)
+            if ckpt.tokenizer is not None:
+                ckpt.tokenizer.save_pretrained(out)
+
+
+EXPORTERS.register(HfExporter.name)(HfExporter())
+EXPORT_FORMATS = ("hf", "compressed-tensors", "quanto")
 
 
 def hf_blockers(plan: Plan) -> list[str]:
     """Why a plan's model cannot be written as a plain HF checkpoint (empty: it can)."""
-    reasons = []
-    for kind, layers in (
-        ("are quantized", [a.layer for a in plan.layers if a.action == "quantize" or a.overrides]),
-        ("are tied to other layers", [a.layer for a in plan.layers if a.action == "tie"]),
-        ("have dropped sub-layers", [a.layer for a in plan.layers if a.drop]),
-    ):
-        if layers:
-            reasons.append(f"layers {layers} {kind}")
-    return reasons
+    return EXPORTERS.get("hf").blockers(plan)
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", *,
                       overwrite: bool = False) -> Path:
-    """Write checkpoint `path` in format `fmt` to directory `out`, atomically; refuses what `fmt` cannot hold."""
-    if fmt not in EXPORT_FORMATS:
-        raise LayerwiseError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    """Write checkpoint `path` in format `fmt` to directory `out`, atomically.
+
+    Refuses, before writing anything, what `fmt` cannot hold exactly: first from layerwise.json (ties,
+    dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express).
+    """
+    exporter = EXPORTERS.get(fmt)
     plan = Plan.from_dict(read_meta(path)["plan"])
-    blockers = hf_blockers(plan)
+    blockers = exporter.blockers(plan)
     if blockers:
-        raise LayerwiseError(
-            f"checkpoint {path} cannot be exported as a plain Hugging Face model: {'; '.join(blockers)}. "
-            "Plain transformers represents pruned layers only; load this checkpoint with layerwise.load"
-        )
+        raise refuse(path, exporter, blockers)
     out = check_output_dir(out, overwrite)
     ckpt = load_checkpoint(path)
-    with atomic_dir(out) as tmp, quiet_transformers():
-        ckpt.model.save_pretrained(tmp)
-        if ckpt.tokenizer is not None:
-            ckpt.tokenizer.save_pretrained(tmp)
+    problems = exporter.check(ckpt)
+    if problems:
+        raise refuse(path, exporter, problems)
+    with atomic_dir(out) as tmp:
+        exporter.write(ckpt, tmp)
     return out
