@@ -46,8 +46,10 @@ PROBE = textwrap.dedent(
 
 def test_repo_root_kernels_folder_is_not_taken_for_the_hub_package(tmp_path):
     # `python -c` puts the working directory first on sys.path, exactly like an interactive session there.
+    # PYTHONPATH too: the other way the repository root lands on sys.path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "tiny")], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["available"] is False
