@@ -24,7 +24,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.loading import load_model, model_name
-from layerwise.models import check_causal_lm, decoder_layers, layer_linear_shapes
+from layerwise.models import check_causal_lm, check_finite_weights, decoder_layers, layer_linear_shapes
 from layerwise.planners import PLANNERS, uniform_plan
 from layerwise.quant import QUANTIZERS
 from layerwise.report import Report, build_report
@@ -47,8 +47,10 @@ def _resolve(model_or_path: nn.Module | str | None, tokenizer: Any) -> tuple[nn.
     if isinstance(model_or_path, nn.Module):
         name = getattr(getattr(model_or_path, "config", None), "_name_or_path", "") or type(model_or_path).__name__
         check_causal_lm(model_or_path)
+        check_finite_weights(model_or_path, name)
         return model_or_path, tokenizer, name
     model, loaded_tokenizer = load_model(model_or_path)
+    check_finite_weights(model, model_name(model_or_path))
     return model, tokenizer or loaded_tokenizer, model_name(model_or_path)
 
 

@@ -7,6 +7,7 @@ interrupted run never leaves a half checkpoint under the final name. Loading nev
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import layerwise
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, write_error
 from layerwise.models import decoder_layers, linear_modules, linear_shape, set_submodule
 from layerwise.quant import QuantLinear
 from layerwise.types import Plan
@@ -34,6 +35,7 @@ FORMAT = "layerwise.checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "layerwise.json"
 WEIGHTS_FILE = "model.safetensors"
+_TMP_PREFIX = ".{name}.tmp-"  # + the writing process's pid
 
 
 @dataclass
@@ -51,7 +53,33 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise LayerwiseError(f"output {out} already exists; choose another path or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise LayerwiseError(f"output {out} exists and is not a directory; remove it or choose another path")
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output on a read-only filesystem or in a directory we may not write, before any work.
+
+    The checkpoint is written beside `out` (a hidden temporary directory, then a rename), so what counts
+    is the nearest directory that exists among `out`'s parents. `os.access` sees a read-only mount even
+    for root; a full filesystem is only found when the write fails (see `atomic_dir`).
+    """
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_dir() and not os.access(parent, os.W_OK):
+        raise LayerwiseError(
+            f"cannot write {out}: {parent} is {_unwritable_reason(parent)}; choose another output directory"
+        )
+
+
+def _unwritable_reason(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only filesystem"
+    except OSError:
+        pass
+    return "not writable by this user"
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,17 +127,45 @@ def save_checkpoint(
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `out` to write into; renamed to `out` when the block succeeds,
-    removed when it fails, so `out` never holds half a result."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    removed when it fails (an exception, Ctrl-C), so `out` never holds half a result.
+
+    A write that fails because the filesystem is full or read-only becomes a LayerwiseError saying so,
+    raised after the temporary directory is gone. Temporaries left by a killed run (SIGKILL, power loss)
+    are removed by the next write to the same output.
+    """
+    tmp = out.parent / f"{_TMP_PREFIX.format(name=out.name)}{os.getpid()}"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = write_error(out, exc)
+        if error is not None:
+            raise error from None
         raise
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove hidden temporaries of `out` whose writing process no longer exists."""
+    prefix = _TMP_PREFIX.format(name=out.name)
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but belongs to someone else
+        return True
+    return True
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -118,7 +174,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
         return
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)  # put the previous output back rather than leave nothing under the name
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -139,6 +199,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LayerwiseError(f"{meta_path} is not valid JSON ({exc}); the checkpoint is damaged, rewrite it") from None
+    if not isinstance(meta, dict):
+        raise LayerwiseError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; the checkpoint is "
+                             "damaged, rewrite it")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise LayerwiseError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is unknown; "
@@ -151,9 +214,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Rebuild the compressed model from its checkpoint; raises LayerwiseError naming any bad tensor."""
     path = Path(path)
     meta = read_meta(path)
-    plan = Plan.from_dict(meta["plan"])
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    config = AutoConfig.from_pretrained(path)
+    plan = _read_plan(meta, path / META_FILE)
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise LayerwiseError(f"{path / META_FILE}: dtype {meta.get('dtype')!r} is not a torch dtype; the checkpoint "
+                             "is damaged, rewrite it")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise LayerwiseError(f"{path / 'config.json'} cannot be read ({reason}); the checkpoint is incomplete or "
+                             "damaged, rewrite it") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
@@ -184,6 +255,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return Checkpoint(model, tokenizer, plan, meta)
+
+
+def _read_plan(meta: dict[str, Any], meta_path: Path) -> Plan:
+    if not isinstance(meta.get("plan"), dict):
+        raise LayerwiseError(f"{meta_path} has no plan; the checkpoint is damaged, rewrite it")
+    try:
+        return Plan.from_dict(meta["plan"])
+    except LayerwiseError as exc:
+        raise LayerwiseError(f"{meta_path}: {exc}; the checkpoint is damaged, rewrite it") from None
 
 
 def _restructure(model: nn.Module, compacted: Plan) -> None:

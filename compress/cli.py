@@ -192,10 +192,13 @@ def _protocol(max_tokens: int | None = None, window: int | None = None):
 
 
 def _check_json_out(path: str, overwrite: bool) -> None:
+    from layerwise.checkpoint import check_writable
+
     if Path(path).exists() and not overwrite:
         raise LayerwiseError(f"output {path} already exists; choose another path or pass --overwrite")
     if not Path(path).parent.exists():
         raise LayerwiseError(f"directory {Path(path).parent} does not exist; create it or choose another path")
+    check_writable(Path(path))
 
 
 def _perplexity(model, tokenizer, progress: bool, label: str) -> float:
@@ -224,6 +227,7 @@ def run(args: argparse.Namespace) -> None:
     from layerwise import api
     from layerwise.applier import check_plan_fits
     from layerwise.checkpoint import check_output_dir
+    from layerwise.models import check_finite_weights
     from layerwise.types import LayerScores, Plan
 
     if args.command == "score":
@@ -250,6 +254,8 @@ def run(args: argparse.Namespace) -> None:
 
         model, tokenizer = load_model(args.model)
         check_plan_fits(plan, model)
+        if args.eval:  # before the perplexity (api.apply checks again, but only after it)
+            check_finite_weights(model, args.model)
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
         result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
                            calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
@@ -267,6 +273,8 @@ def run(args: argparse.Namespace) -> None:
         from layerwise.loading import load_model
 
         model, tokenizer = load_model(args.model)
+        if args.eval:  # before the perplexity (api.compress checks again, but only after it)
+            check_finite_weights(model, args.model)
         ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
         result = api.compress(model, bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
                               group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,

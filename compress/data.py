@@ -156,8 +156,8 @@ def token_windows(tokenizer, text: str, n_windows: int | None, window_len: int) 
     available = len(ids) // window_len
     if available == 0:
         raise LayerwiseError(
-            f"the text has {len(ids)} tokens, fewer than one window of {window_len}; give more text "
-            "or a shorter --window/--calib-len"
+            f"the text has {len(ids)} tokens, fewer than one window of {window_len} tokens (at least "
+            f"{window_len} needed); give more text or a shorter --window/--calib-len"
         )
     n = available if n_windows is None else min(n_windows, available)
     if n_windows is not None and n_windows > available:
@@ -176,7 +176,11 @@ def calibration_windows(
     window_len: int = DEFAULT_CALIB_LEN,
 ) -> torch.Tensor:
     """Calibration windows ``[n_windows, window_len]`` from a corpus name or a text file."""
-    return token_windows(tokenizer, load_text(corpus, "calibration"), n_windows, window_len)
+    text = load_text(corpus, "calibration")
+    try:
+        return token_windows(tokenizer, text, n_windows, window_len)
+    except LayerwiseError as exc:  # say which text: the user may have passed several files to several commands
+        raise LayerwiseError(f"calibration text {corpus}: {exc}") from None
 
 
 def split_every(documents: list[str], k: int) -> tuple[list[int], list[int]]:

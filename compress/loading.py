@@ -30,6 +30,7 @@ from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from urllib.parse import urlparse
 
+import safetensors
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import logging as hf_logging
@@ -98,15 +99,58 @@ def load_model(
         config = _load_config(source, name_or_path)
         check_causal_config(config, model_name(name_or_path))
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+            # ignore_mismatched_sizes: report a tensor of the wrong shape by name below, not as a RuntimeError.
+            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
             tokenizer = AutoTokenizer.from_pretrained(source)
+        except safetensors.SafetensorError as exc:  # truncated or overwritten weights file
+            raise LayerwiseError(_damaged_weights_message(source, name_or_path, exc)) from None
         except (OSError, ValueError) as exc:  # missing weight or tokenizer files
             raise LayerwiseError(
                 f"could not load model {model_name(name_or_path)} from {source} ({_first_line(exc)}); "
                 "check that the directory holds the weights and tokenizer files save_pretrained writes"
             ) from None
+    _check_loading_info(info, source, name_or_path)
     model.eval()
     return model, tokenizer
+
+
+def _check_loading_info(info: dict, source: str, name: str | None) -> None:
+    """Refuse weights files that lack tensors or hold them in the wrong shape.
+
+    transformers would fill such tensors with fresh random values and only log it; compressing that
+    model would silently compress noise.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise LayerwiseError(
+            f"model {model_name(name)} in {source}: tensor {key} has shape {tuple(found)} but config.json needs "
+            f"{tuple(expected)}{more}; the weights do not belong to this config, save the model again"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LayerwiseError(
+            f"model {model_name(name)} in {source}: the weights files lack tensors {', '.join(missing[:5])}{more}; "
+            "the checkpoint is incomplete, save or download it again"
+        )
+
+
+def _damaged_weights_message(source: str, name: str | None, exc: Exception) -> str:
+    """Name the safetensors file(s) that cannot be read (transformers' error names none)."""
+    damaged = []
+    if os.path.isdir(source):
+        for file in sorted(Path(source).glob("*.safetensors")):
+            try:
+                with safetensors.safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except (safetensors.SafetensorError, OSError) as file_exc:
+                damaged.append(f"{file.name} ({_first_line(file_exc)})")
+    what = ", ".join(damaged) if damaged else f"a weights file ({_first_line(exc)})"
+    return (f"model {model_name(name)} in {source}: cannot read {what}; the file is truncated or damaged, "
+            "save or download the model again")
 
 
 def check_causal_config(config: PretrainedConfig, name: str, architectures: list[str] | None = None) -> None:

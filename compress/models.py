@@ -129,6 +129,32 @@ def check_causal_lm(model: nn.Module) -> None:
         raise LayerwiseError(f"the decoder layers of {type(model).__name__} contain no linear modules")
 
 
+def check_finite_weights(model: nn.Module, name: str | None = None) -> None:
+    """Refuse a model whose floating-point parameters hold NaN or Inf, naming the tensors.
+
+    One read of every weight (about 0.1 s for 135M parameters) before the calibration pass: scales and
+    zeros computed from a NaN or Inf weight are NaN or Inf themselves, every activation downstream of the
+    first bad layer is NaN, and the importance scores and measured damage are meaningless, so the run
+    would only fail (or, worse, write a NaN checkpoint) after its expensive part. Repairing the weights
+    (zeroing them, say) is a modelling decision that belongs to the user, not to a compressor.
+    """
+    bad = []
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            finite = torch.isfinite(param.detach())
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(param.detach()).sum())
+                n_inf = int((~finite).sum()) - n_nan
+                bad.append(f"{param_name} ({n_nan} NaN, {n_inf} Inf)")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        what = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        raise LayerwiseError(
+            f"model {what} has non-finite weights in {', '.join(bad[:5])}{more}; layerwise cannot compress "
+            "NaN or Inf weights (they make every scale and score downstream NaN): repair or re-export the model"
+        )
+
+
 # Sub-layers. "attn" is the module that owns the layer's KV-cache slot; "mlp" the module(s) of the
 # feed-forward block. Their contribution is the tensor each adds to the residual stream: the output of
 # the attention / MLP module itself, except where a norm sits after it (gemma's sandwich norms) or the

@@ -6,6 +6,7 @@ All of them are dataclasses that validate themselves on construction and round-t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, write_error
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales and zeros are stored as fp16
@@ -434,5 +435,11 @@ def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only filesystem: say so in one line
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
