@@ -49,6 +49,10 @@ DEFAULT_OPTIONS = "2:128,3:128,3:256,4:128,4:256,8:128"
 # scale with this. (The curve in docs/RESULTS.md was measured with 32; 24 was chosen to bring the default
 # compress under 10 minutes on 2 CPU cores, and its 3.25-bit result is recorded there too.)
 DEFAULT_DAMAGE_WINDOWS = 24
+# Tokens per piece of the Fisher pass's loss (see `_backward_nll`).
+LOSS_CHUNK_TOKENS = 128
+# Config fields of logit rescaling that `_backward_nll` does not reproduce (Cohere, Granite).
+_UNCHUNKED_LOGIT_SCALING = ("logit_scale", "logits_scaling")
 
 
 @SCORERS.register("sensitivity")
@@ -121,7 +125,8 @@ class SensitivityScorer(LayerScorer):
         return self._damage
 
 
-def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                  chunk_tokens: int = LOSS_CHUNK_TOKENS) -> list[torch.Tensor]:
     """Per decoder layer, the mean over tokens of the squared gradient of the NLL w.r.t. its output.
 
     One forward and backward pass over `windows`; parameters do not get gradients (only the hidden
@@ -160,13 +165,7 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> l
         with torch.enable_grad():
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                # Targets shifted in place of the logits: slicing off the last position would copy the
-                # (tokens x vocab) logits, the largest tensors of the pass, once forward and once backward.
-                targets = torch.full_like(batch, -100)
-                targets[:, :-1] = batch[:, 1:]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-                loss.backward()
+                _backward_nll(model, batch, chunk_tokens)
                 n_tokens += batch.shape[0] * batch.shape[1]
     finally:
         for handle in handles:
@@ -176,6 +175,34 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> l
         for p, flag in flags:
             p.requires_grad_(flag)
     return [s / n_tokens for s in sums]
+
+
+def _backward_nll(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> None:
+    """Backpropagate the summed next-token NLL of `batch`, running the output head a chunk of tokens at a time.
+
+    The (tokens x vocabulary) logits, their log-softmax and their gradient are the largest tensors of the
+    pass (3 x 100 MB per 512-token window on the default model); in chunks, memory holds one chunk's worth.
+    Models whose logits are rescaled in ways not reproduced here run the head whole.
+    """
+    # Targets shifted in place of the logits: slicing off the last position would copy the logits.
+    targets = torch.full_like(batch, -100)
+    targets[:, :-1] = batch[:, 1:]
+    head = model.get_output_embeddings()
+    config = model.config
+    if head is None or any(getattr(config, k, None) is not None for k in _UNCHUNKED_LOGIT_SCALING):
+        logits = model(input_ids=batch, use_cache=False).logits
+        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").backward()
+        return
+    cap = getattr(config, "final_logit_softcapping", None)
+    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+    leaf = hidden.detach().requires_grad_(True)
+    for start in range(0, batch.shape[1], chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        logits = head(leaf[:, piece]).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        F.cross_entropy(logits.flatten(0, 1), targets[:, piece].flatten(), reduction="sum").backward()
+    hidden.backward(leaf.grad)
 
 
 def _checkpointed(forward):
