@@ -50,7 +50,14 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from layerwise.applier import LayerOutcome, apply_plan, plan_needs_calibration, resolve_methods
+from layerwise.applier import (
+    LayerOutcome,
+    apply_plan,
+    method_needs_hessian,
+    needs_hessian,
+    plan_needs_calibration,
+    resolve_methods,
+)
 from layerwise.budget import average_bits
 from layerwise.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, write_meta
 from layerwise.driver import LayerStep
@@ -59,7 +66,7 @@ from layerwise.loading import check_causal_config, quiet_transformers
 from layerwise.models import decoder_layers, layer_linear_shapes, layers_path
 from layerwise.report import build_report
 from layerwise.shards import PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
-from layerwise.types import LayerScores, Plan, QuantSpec, read_json, write_json_atomic
+from layerwise.types import LayerScores, Plan, QuantSpec, parse_options, read_json, write_json_atomic
 
 PARTIAL_FORMAT = "layerwise.partial"
 PARTIAL_VERSION = 1
@@ -394,9 +401,8 @@ def compress_streaming(
 
     Returns a `CompressResult` whose `model` is None (load the checkpoint with `layerwise.load`).
     """
-    from layerwise.api import CompressResult, _calibration, make_plan
-    from layerwise.importance import SCORERS, score_model
-    from layerwise.planners import uniform_plan
+    from layerwise.api import _calibration
+    from layerwise.importance import SCORERS
 
     out = check_output_dir(out, overwrite)
     start = time.perf_counter()
@@ -409,8 +415,8 @@ def compress_streaming(
     shapes = layer_linear_shapes(model)
     scorer_cls = SCORERS.get(args.scorer)
     scoring = args.uniform is None and (args.bits is not None or args.n_low is not None)
-    calibrated_method = plan_needs_calibration(
-        uniform_plan(shapes[:1], 4, args.group_size, method=args.method), args.method)
+    options = parse_options(args.options, args.method) if args.options and scoring else []
+    calibrated_method = method_needs_hessian(args.method) or any(needs_hessian(o) for o in options)
     windows, calib_summary = None, {}
     if (scoring and scorer_cls.needs_activations) or calibrated_method:
         source = calib_windows if calib_windows is not None else args.calib
@@ -421,13 +427,29 @@ def compress_streaming(
            "source": streamed.source.fingerprint(), "torch_threads": torch.get_num_threads()}
     work = WorkDir(out)
     resumed = work.start(run, resume)
-    if resumed:
-        saved_threads = read_json(work.path / RUN_FILE, "run").get("torch_threads")
-        if saved_threads != torch.get_num_threads():
-            warnings.warn(f"resuming with {torch.get_num_threads()} torch threads, started with {saved_threads}: "
-                          "float sums may round differently, so the result may differ in the last bits from an "
-                          "uninterrupted run", RuntimeWarning, stacklevel=2)
+    threads = torch.get_num_threads()
+    saved_threads = read_json(work.path / RUN_FILE, "run").get("torch_threads") if resumed else threads
+    if isinstance(saved_threads, int) and saved_threads != threads:
+        # CPU matmul reductions split by thread count: continue with the count the run started with.
+        warnings.warn(f"resuming with {saved_threads} torch threads, as the run started (not {threads}), so that "
+                      "the result matches an uninterrupted run", RuntimeWarning, stacklevel=2)
+        torch.set_num_threads(saved_threads)
+    try:
+        return _stream(streamed, work, args, shapes, windows, calib_summary, tokenizer, name, out, start, progress)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _stream(streamed: StreamedModel, work: WorkDir, args: RunArgs, shapes: list, windows: torch.Tensor | None,
+            calib_summary: dict[str, Any], tokenizer: Any, name: str, out: Path, start: float, progress: bool):
+    """Score and plan (unless the work directory has them), quantize the unfinished layers, assemble `out`."""
+    from layerwise.api import CompressResult, make_plan
+    from layerwise.importance import SCORERS, score_model
+    from layerwise.planners import uniform_plan
+
+    model = streamed.model
+    scorer_cls = SCORERS.get(args.scorer)
+    scoring = args.uniform is None and (args.bits is not None or args.n_low is not None)
     if scoring:  # the budget against the shapes, before any slow step
         make_plan(LayerScores("budget-check", [0.0] * len(shapes), shapes), args.bits, **args.plan_options)
     scores: LayerScores | None = None

@@ -103,3 +103,30 @@ def test_resume_with_no_partial_run_starts_fresh(model_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and not partial_dir(out).exists()
     with pytest.raises(LayerwiseError, match="stream=False"):
         layerwise.compress(str(model_dir), uniform=4, out=str(tmp_path / "x"), resume=True, stream=False)
+
+
+def test_resume_uses_the_thread_count_the_run_started_with(model_dir, tmp_path, monkeypatch):
+    """GPTQ's float sums depend on torch's thread count; a resume continues with the saved count."""
+    kwargs = dict(uniform=3, method="gptq", group_size=32, progress=False, calib=random_windows(6, 32))
+    threads = torch.get_num_threads()
+    real_load = StreamedModel.load
+
+    def crash_at_2(self, index):
+        if self.quantizing and index == 2:
+            raise KeyboardInterrupt
+        return real_load(self, index)
+
+    try:
+        torch.set_num_threads(1)
+        layerwise.compress(str(model_dir), out=str(tmp_path / "whole"), stream=True, **kwargs)
+        monkeypatch.setattr(StreamedModel, "load", crash_at_2)
+        with pytest.raises(KeyboardInterrupt):
+            layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), stream=True, **kwargs)
+        monkeypatch.setattr(StreamedModel, "load", real_load)
+        torch.set_num_threads(2)
+        with pytest.warns(RuntimeWarning, match="resuming with 1 torch threads"):
+            layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), resume=True, **kwargs)
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(threads)
+    assert same_weights(tmp_path / "ckpt", tmp_path / "whole")
