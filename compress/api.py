@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -28,6 +29,7 @@ from layerwise.models import check_causal_lm, check_finite_weights, decoder_laye
 from layerwise.planners import PLANNERS, uniform_plan
 from layerwise.quant import QUANTIZERS
 from layerwise.report import Report, build_report
+from layerwise.streaming import RunArgs
 from layerwise.structure import TIE_MODES, StructureConfig, plan_structure
 from layerwise.types import LayerAction, LayerScores, LinearShapes, Plan, parse_options
 
@@ -225,6 +227,10 @@ def compress(
     calib_windows: int = DEFAULT_CALIB_WINDOWS,
     calib_len: int = DEFAULT_CALIB_LEN,
     progress: bool = True,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    stream: bool | None = None,
+    resume: bool = False,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -243,6 +249,14 @@ def compress(
     neighbours (`tie` scorer; `tie_mode` first or average). These happen first; the layers left are then
     quantized to meet `bits` over the original model's weights (pruned weights free budget), or not at
     all when `bits` and `uniform` are None.
+
+    `out`: also write the checkpoint there (as `save`; `overwrite` replaces an existing one). With `out`
+    and a model given by path, `stream` picks streaming compression (layerwise.streaming: one decoder
+    layer in memory at a time, each written out as it finishes; the returned result's `model` is then
+    None, load the checkpoint with `layerwise.load`): True forces it, False forbids it, None (default)
+    streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory available. `resume`
+    continues an interrupted streamed run into `out` from its last finished layer (it implies streaming);
+    the arguments must be the ones the run started with.
     """
     structure = StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode)
     # Validate every name, then the budget against the model's shapes, before the slow steps run.
@@ -266,12 +280,25 @@ def compress(
         SCORERS.get(name)
     if plan_needs_options and options is None:
         options = DEFAULT_OPTIONS
+    plan_options: dict[str, Any] = dict(planner=planner, high=high, low=low, group_size=group_size, sym=sym,
+                                        method=method, order=order, seed=seed, n_low=n_low, options=options)
+    if _streams(model_or_path, out, stream, resume, scorer, structure, quantizing, uniform, structural_scorers):
+        return _compress_streaming(model_or_path, out, overwrite, resume, progress, calib, calib_windows, calib_len,
+                                   RunArgs(bits=bits, scorer=scorer, planner=planner, method=method,
+                                           group_size=group_size, high=high, low=low, sym=sym, order=order,
+                                           seed=seed, n_low=n_low, options=options, uniform=uniform,
+                                           calib=calib if isinstance(calib, str) else "<token windows>",
+                                           calib_windows=calib_windows, calib_len=calib_len,
+                                           plan_options=plan_options))
+    if out is not None:
+        from layerwise.checkpoint import check_output_dir
+
+        check_output_dir(out, overwrite)
+        _check_no_partial(out)
     model, tokenizer, name = _resolve(model_or_path, tokenizer)
     shapes = layer_linear_shapes(model)
     structure.check(len(shapes))
     start = time.perf_counter()
-    plan_options: dict[str, Any] = dict(planner=planner, high=high, low=low, group_size=group_size, sym=sym,
-                                        method=method, order=order, seed=seed, n_low=n_low, options=options)
     if uniform is None and quantizing and structure.empty:
         zeros = [0.0] * len(shapes)
         dry_damage = {o.option(): zeros for o in parse_options(options, method)} if options else {}
@@ -312,7 +339,65 @@ def compress(
     if scores is not None:
         result.report.metrics["score_seconds"] = round(scores.seconds, 2)
     result.report.metrics["compress_seconds"] = round(time.perf_counter() - start, 2)
+    if out is not None:
+        save(result, str(out), overwrite=overwrite)
     return result
+
+
+def _streams(model_or_path: nn.Module | str | None, out: str | os.PathLike | None, stream: bool | None,
+             resume: bool, scorer: str, structure: StructureConfig, quantizing: bool, uniform: int | None,
+             structural_scorers: dict[str, str]) -> bool:
+    """Whether `compress` streams (see its docstring), refusing combinations streaming cannot do."""
+    asked = "resume" if resume else "stream=True"
+    if isinstance(model_or_path, nn.Module):
+        if stream or resume:
+            raise LayerwiseError(f"{asked} reads the model from its files: pass its directory, not a loaded model")
+        return False
+    if stream is False:
+        if resume:
+            raise LayerwiseError("resume continues a streamed compression: drop stream=False (--no-stream)")
+        return False
+    if stream is None and not resume:
+        if out is None:
+            return False
+        from layerwise.loading import resolve_model_path
+        from layerwise.streaming import should_stream
+
+        wanted, why = should_stream(resolve_model_path(model_or_path))
+        if not wanted:
+            return False
+        asked = f"the model is large ({why}) so it is streamed, and streaming"
+    else:
+        asked = f"{asked} streams the model, and streaming"
+    if out is None:
+        raise LayerwiseError(f"{asked} writes each layer as it finishes: give out= (--out)")
+    if not structure.empty:
+        raise LayerwiseError(f"{asked} cannot prune, drop or tie layers yet; compress without streaming "
+                             "(stream=False, --no-stream) or without the structural options")
+    if quantizing and uniform is None and not SCORERS.get(scorer).layer_local:
+        local = [n for n in SCORERS.names() if SCORERS.get(n).layer_local]
+        raise LayerwiseError(f"{asked} cannot use scorer {scorer!r}, which needs the whole model in memory; use "
+                             f"{', '.join(local)} (--scorer), uniform bits (--uniform), or stream=False (--no-stream)")
+    return True
+
+
+def _check_no_partial(out: str | os.PathLike) -> None:
+    from layerwise.streaming import partial_dir, partial_exists
+
+    if partial_dir(out).exists():
+        raise partial_exists(out)
+
+
+def _compress_streaming(model_or_path: str | None, out: str | os.PathLike | None, overwrite: bool, resume: bool,
+                        progress: bool, calib: str | torch.Tensor, calib_windows: int, calib_len: int,
+                        args: RunArgs) -> CompressResult:
+    from layerwise.loading import resolve_model_path
+    from layerwise.streaming import compress_streaming
+
+    assert out is not None
+    return compress_streaming(resolve_model_path(model_or_path), out, args, name=model_name(model_or_path),
+                              resume=resume, overwrite=overwrite, progress=progress,
+                              calib_windows=calib if isinstance(calib, torch.Tensor) else None)
 
 
 def _plan_structure(

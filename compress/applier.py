@@ -4,14 +4,13 @@ the `QuantLinear` its action asks for."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from layerwise.driver import LayerCall, LayerStep, stream_layers
+from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.errors import LayerwiseError
 from layerwise.models import decoder_layers, linear_modules, linear_weight, set_submodule
 from layerwise.quant import (
@@ -123,13 +122,19 @@ def plan_needs_calibration(plan: Plan, method: str) -> bool:
 
 
 def _layer_steps(
-    model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    batch_size: int,
+    progress: bool,
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
 ) -> Iterator[LayerStep]:
     if windows is not None:
-        yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing")
+        yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing",
+                                 weights=weights, start=start, hidden=hidden)
         return
-    for i, layer in enumerate(tqdm(decoder_layers(model), desc="quantizing", disable=not progress, unit="layer")):
-        yield LayerStep(i, str(i), layer, [], LayerCall())
+    yield from each_layer(model, progress=progress, desc="quantizing", weights=weights, start=start)
 
 
 def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -166,11 +171,19 @@ def apply_plan(
     windows: torch.Tensor | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    on_layer: Callable[[LayerStep, LayerOutcome], None] | None = None,
 ) -> list[LayerOutcome]:
     """Quantize `model` in place as `plan` says; `method` fills actions that name none.
 
     Methods that read activations (GPTQ) run layer-sequentially: each layer is calibrated on the
     outputs of the already-quantized layers before it, one layer's activations in memory at a time.
+    Streaming (`layerwise.streaming`) passes the layers' `weights`, may resume at layer `start` with
+    its saved inputs `hidden`, and gets each finished layer through `on_layer(step, outcome)` (the
+    step's `outputs` are then the next layer's inputs, when calibrating) before the layer is released.
+    Returns the outcomes of the layers quantized in this call.
     """
     QUANTIZERS.get(method)
     check_plan_fits(plan, model)
@@ -181,7 +194,7 @@ def apply_plan(
     if calibrated and windows is None:
         raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
     outcomes = []
-    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress):
+    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress, weights, start, hidden):
         action = plan.layers[step.index]
         modules = linear_modules(step.layer)
         specs = {name: action.module_spec(name, default_method=method) for name in modules}
@@ -199,6 +212,8 @@ def apply_plan(
         if calibrated:  # the next layer's inputs, through this layer as now quantized
             with dense_weights(step.layer.modules()):
                 step.outputs = step.run()
+        if on_layer is not None:
+            on_layer(step, outcome)
         outcomes.append(outcome)
     return outcomes
 

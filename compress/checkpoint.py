@@ -111,17 +111,22 @@ def save_checkpoint(
         safetensors.torch.save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "plan": plan.to_dict(),
-            **(extra or {}),
-            "versions": {"layerwise": layerwise.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(tmp, next(model.parameters()).dtype, plan, extra)
     return out
+
+
+def write_meta(directory: Path, dtype: torch.dtype, plan: Plan, extra: dict[str, Any] | None = None) -> None:
+    """layerwise.json: format and version, the model's dtype, the plan, `extra`, library versions."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        "plan": plan.to_dict(),
+        **(extra or {}),
+        "versions": {"layerwise": layerwise.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @contextmanager

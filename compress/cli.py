@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="compress from the safetensors files one decoder layer at a time, writing each as it "
+                        "finishes (default: stream when the float32 weights exceed 40%% of available memory)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted streamed compression into --out from its last finished layer "
+                        "(same arguments; implies --stream)")
     _add_output(p, "--out", "checkpoint directory to write")
 
     p = sub.add_parser("export", help="write a checkpoint in a format other loaders read")
@@ -270,12 +276,16 @@ def run(args: argparse.Namespace) -> None:
         scorer, prune_scorer = args.scorer, None
         if args.prune:
             scorer, prune_scorer = args.bits_scorer, args.scorer
-        from layerwise.loading import load_model
+        if args.eval and (args.stream or args.resume):
+            raise LayerwiseError("--eval needs the whole model in memory; drop --stream/--resume, or evaluate the "
+                                 "checkpoint afterwards with `layerwise eval`")
+        model, tokenizer, ppl_before = args.model, None, None
+        if args.eval:
+            from layerwise.loading import load_model
 
-        model, tokenizer = load_model(args.model)
-        if args.eval:  # before the perplexity (api.compress checks again, but only after it)
-            check_finite_weights(model, args.model)
-        ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
+            model, tokenizer = load_model(args.model)
+            check_finite_weights(model, args.model)  # before the perplexity (api.compress checks only after it)
+            ppl_before = _perplexity(model, tokenizer, progress, "before")
         result = api.compress(model, bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
                               group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,
                               order=args.order, seed=args.seed, n_low=args.n_low, options=args.options,
@@ -283,9 +293,14 @@ def run(args: argparse.Namespace) -> None:
                               prune_scorer=prune_scorer, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp,
                               tie=args.tie, tie_mode=args.tie_mode, tokenizer=tokenizer,
                               calib=args.calib, calib_windows=args.calib_windows, calib_len=args.calib_len,
-                              progress=progress)
+                              progress=progress, out=None if args.eval else args.out, overwrite=args.overwrite,
+                              stream=args.stream, resume=args.resume)
         result.report.model = args.model or api.DEFAULT_MODEL
-        _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
+        if args.eval:
+            _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
+        else:
+            print(result.report.to_text())
+            print(f"wrote {args.out}")
     elif args.command == "export":
         from layerwise.export import export_checkpoint
 

@@ -11,8 +11,9 @@ layer's modules before the outputs are computed, so the next layer sees the comp
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,6 +24,42 @@ from layerwise.models import decoder_layers, layers_path
 
 class _StopForward(Exception):
     pass
+
+
+class LayerWeights(Protocol):
+    """Where a model's decoder-layer weights live when they are not all in memory (`layerwise.streaming`).
+
+    The driver calls `load_outer` before capturing the first layer's inputs (embeddings in memory) and
+    `release_outer` after; `load(i)` before layer i runs and `release(i)` once the consumer is done with it.
+    """
+
+    def load_outer(self) -> None: ...
+
+    def release_outer(self) -> None: ...
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int) -> None: ...
+
+
+@contextmanager
+def _placeholder_layers(layers: nn.ModuleList) -> Iterator[None]:
+    """Every decoder layer returns its input unchanged: a forward then only records the layers' calls.
+
+    Used when the layers' weights are not in memory (on the meta device): the model still computes the
+    masks and position embeddings every layer receives, while the layers themselves do nothing.
+    """
+
+    def identity(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return _split_hidden(args, kwargs)[0]
+
+    for layer in layers:
+        layer.forward = identity
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 @dataclass
@@ -57,15 +94,17 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]
 
 @torch.inference_mode()
 def capture_inputs(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 1
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, placeholders: bool = False
 ) -> tuple[list[torch.Tensor], list[LayerCall]]:
     """First-layer hidden states for every batch of windows, and each layer's call arguments.
 
     One full forward of the first batch records every layer's arguments; the other batches stop at
     the first layer. All batches have the same shape, so the arguments are shared by all of them.
+    With `placeholders` the layers do not run (their weights may be on the meta device): each passes
+    its input through while its call is recorded, and the forward stops after the last layer.
     """
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     hidden: list[torch.Tensor] = []
     calls: list[LayerCall | None] = [None] * len(layers)
     record_all = True
@@ -77,19 +116,20 @@ def capture_inputs(
                 hidden.append(h.detach().clone())
             if record_all:
                 calls[index] = call
-            elif index == 0:
+            if (not record_all and index == 0) or (placeholders and index == len(layers) - 1):
                 raise _StopForward
 
         return hook
 
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for b, batch in enumerate(window_batches(windows, batch_size)):
-            record_all = b == 0
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with _placeholder_layers(layers) if placeholders else nullcontext():
+            for b, batch in enumerate(window_batches(windows, batch_size)):
+                record_all = b == 0
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -120,21 +160,61 @@ class LayerStep:
 
 
 def stream_layers(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "layers"
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "layers",
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
 ) -> Iterator[LayerStep]:
     """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset).
 
     `batch_size` windows run through a layer together: faster on a GPU, about the same on a CPU.
+    With `weights` the model's layers are on the meta device: each is loaded before its step and
+    released after it, so one layer's weights and activations are in memory at a time. `start` and
+    `hidden` resume a stream at layer `start` with that layer's saved inputs (a resumed compression).
     """
     was_training = model.training
     model.eval()
     try:
-        hidden, calls = capture_inputs(model, windows, batch_size)
+        if weights is not None:
+            weights.load_outer()
+        try:
+            first, calls = capture_inputs(model, windows, batch_size, placeholders=weights is not None)
+        finally:
+            if weights is not None:
+                weights.release_outer()
+        if start and hidden is None:
+            raise ValueError("a stream started after layer 0 needs that layer's inputs (hidden)")
+        hidden = first if hidden is None else hidden
         prefix = layers_path(model)
         layers = decoder_layers(model)
-        for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
-            step = LayerStep(i, f"{prefix}.{i}", layers[i], hidden, calls[i])
+        for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                      total=len(layers)):
+            layer = weights.load(i) if weights is not None else layers[i]
+            step = LayerStep(i, f"{prefix}.{i}", layer, hidden, calls[i])
             yield step
             hidden = step.outputs if step.outputs is not None else step.run()
+            del step
+            if weights is not None:
+                weights.release(i)
     finally:
         model.train(was_training)
+
+
+def each_layer(
+    model: nn.Module, *, progress: bool = True, desc: str = "layers", weights: LayerWeights | None = None,
+    start: int = 0,
+) -> Iterator[LayerStep]:
+    """Yield every decoder layer without activations (weight-only work), loading and releasing it with
+    `weights` when the layers are not in memory."""
+    layers = decoder_layers(model)
+    for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                  total=len(layers)):
+        layer = weights.load(i) if weights is not None else layers[i]
+        yield LayerStep(i, str(i), layer, [], LayerCall())
+        if weights is not None:
+            weights.release(i)

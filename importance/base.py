@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from layerwise.driver import LayerStep, stream_layers
-from layerwise.models import decoder_layers, layer_linear_shapes
+from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
+from layerwise.models import layer_linear_shapes
 from layerwise.registry import Registry
 from layerwise.types import LayerScores
 
@@ -30,6 +29,10 @@ class LayerScorer:
     needs_activations: ClassVar[bool] = True  # reads the calibration windows
     needs_stream: ClassVar[bool] = True  # ...through the layer stream (step inputs and outputs)
     provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
+    # Reads one decoder layer's weights at a time and nothing from the whole model, so it can score a
+    # model streamed from disk (layerwise.streaming). False for scorers that run whole-model forwards or
+    # backward passes in `prepare`, or read other layers' weights in `score_layer`.
+    layer_local: ClassVar[bool] = True
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
 
     def windows_needed(self) -> int | None:
@@ -88,10 +91,12 @@ def score_model(
     scorer_options: dict[str, dict[str, Any]] | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    weights: LayerWeights | None = None,
 ) -> dict[str, LayerScores]:
     """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
 
-    `scorer_options` maps a scorer name to keyword arguments for its constructor.
+    `scorer_options` maps a scorer name to keyword arguments for its constructor. `weights` streams a
+    model whose layers are not in memory (`layerwise.streaming`); every scorer must then be `layer_local`.
     """
     scorer_options = scorer_options or {}
     instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
@@ -100,6 +105,10 @@ def score_model(
     streaming = any(s.needs_stream for s in readers)
     if needs_activations and windows is None:
         raise ValueError(f"scorers {scorers} need calibration windows")
+    if weights is not None:
+        whole = [s.name for s in instances if not s.layer_local]
+        if whole:
+            raise ValueError(f"scorers {whole} need the whole model in memory; they cannot score a streamed model")
     values: dict[str, list[float]] = {s.name: [] for s in instances}
     start = time.perf_counter()
     if windows is not None:
@@ -110,13 +119,10 @@ def score_model(
     if streaming:
         assert windows is not None
         steps = stream_layers(model, _windows_for([s for s in readers if s.needs_stream], windows),
-                              batch_size=batch_size, progress=progress, desc=f"scoring ({', '.join(scorers)})")
+                              batch_size=batch_size, progress=progress, desc=f"scoring ({', '.join(scorers)})",
+                              weights=weights)
     else:
-        layers = decoder_layers(model)
-        steps = (
-            LayerStep(i, str(i), layer, [], None)  # type: ignore[arg-type]
-            for i, layer in enumerate(tqdm(layers, desc="scoring", disable=not progress, unit="layer"))
-        )
+        steps = each_layer(model, progress=progress, desc="scoring", weights=weights)
     for step in steps:
         with ExitStack() as observing:
             for scorer in instances:

@@ -90,6 +90,7 @@ class PplDropScorer(LayerScorer):
     name: ClassVar[str] = "ppl_drop"
     needs_activations: ClassVar[bool] = True
     needs_stream: ClassVar[bool] = False
+    layer_local: ClassVar[bool] = False  # whole-model forwards
 
     def __init__(self, max_remove: int | None = None, windows: int = DEFAULT_WINDOWS) -> None:
         if (max_remove is not None and max_remove < 1) or windows < 1:

@@ -60,6 +60,7 @@ class SensitivityScorer(LayerScorer):
     name: ClassVar[str] = "sensitivity"
     needs_activations: ClassVar[bool] = True
     provides_option_damage: ClassVar[bool] = True
+    layer_local: ClassVar[bool] = False  # one whole-model backward pass (Fisher)
 
     def __init__(
         self,
