@@ -127,13 +127,16 @@ def bnb_blockers(plan: Plan) -> list[str]:
     return [f"{', '.join(found)} use bitsandbytes formats"] if found else []
 
 
-def non_linear_targets(ckpt: Checkpoint, names: list[str]) -> list[str]:
-    """Those of `names` that are not `nn.Linear` in the architecture as transformers builds it (GPT-2's
-    Conv1D, for instance): loaders only quantize nn.Linear modules."""
+def non_linear_reasons(ckpt: Checkpoint, weights: list[ExportedWeight]) -> list[str]:
+    """Why some quantized modules cannot be exported: those that are not `nn.Linear` in the architecture as
+    transformers builds it (GPT-2's Conv1D, for instance), since loaders only quantize nn.Linear modules."""
     with init_empty_weights():
         fresh = AutoModelForCausalLM.from_config(ckpt.model.config)
     modules = dict(fresh.named_modules())
-    return [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    not_linear = [w.name for w in weights if not isinstance(modules.get(w.name), nn.Linear)]
+    if not not_linear:
+        return []
+    return [f"modules {not_linear} are not nn.Linear in transformers, and only Linear is quantized"]
 
 
 def write_model_files(ckpt: Checkpoint, out: Path, tensors: dict[str, torch.Tensor],

@@ -41,7 +41,7 @@ from layerwise.export_common import (
     Exporter,
     dense_state,
     model_dtype,
-    non_linear_targets,
+    non_linear_reasons,
     quantized_weights,
     write_model_files,
 )
@@ -122,10 +122,7 @@ class CompressedTensorsExporter(Exporter):
                 f"modules {ragged} have a last group shorter than the group size, which compressed-tensors' group "
                 "strategy does not allow; compress again with a group size that divides their input width"
             )
-        not_linear = non_linear_targets(ckpt, [w.name for w in weights])
-        if not_linear:
-            reasons.append(f"modules {not_linear} are not nn.Linear in transformers, and only Linear is quantized")
-        return reasons
+        return reasons + non_linear_reasons(ckpt, weights)
 
     def write(self, ckpt: Checkpoint, out: Path) -> None:
         weights = quantized_weights(ckpt.model)

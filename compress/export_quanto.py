@@ -40,7 +40,7 @@ from layerwise.export_common import (
     Exporter,
     dense_state,
     model_dtype,
-    non_linear_targets,
+    non_linear_reasons,
     quantized_weights,
     write_model_files,
 )
@@ -123,10 +123,7 @@ class QuantoExporter(Exporter):
             if reason is not None:
                 unfit[reason].append(w.name)
         reasons = [f"modules {names} are {reason}" for reason, names in unfit.items()]
-        not_linear = non_linear_targets(ckpt, [w.name for w in weights])
-        if not_linear:
-            reasons.append(f"modules {not_linear} are not nn.Linear in transformers, and only Linear is quantized")
-        return reasons
+        return reasons + non_linear_reasons(ckpt, weights)
 
     def write(self, ckpt: Checkpoint, out: Path) -> None:
         weights = quantized_weights(ckpt.model)
