@@ -195,6 +195,14 @@ def test_bitsandbytes_layers_are_refused(fmt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "quanto"])
+def test_modules_that_are_not_linear_in_transformers_are_refused(fmt, tmp_path):
+    path = checkpoint(tmp_path, tiny("gpt2", 2), [quantize(0, 4, 32, True), LayerAction(1, "keep")])
+    with pytest.raises(LayerwiseError, match=r"transformer\.h\.0\.attn\.c_attn.* are not nn\.Linear in transformers"):
+        export_checkpoint(path, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_export_formats(tmp_path, capsys):
     pytest.importorskip("compressed_tensors")
     path = checkpoint(tmp_path, tiny("llama", 2), [quantize(0, 4, 32, True), quantize(1, 8, 32, False)])
