@@ -9,6 +9,7 @@ calibration activations (one layer's inputs and outputs on the calibration windo
 
     python benchmarks/streaming.py /tmp/lw-stream            # build the model (once) and compress it
     python benchmarks/streaming.py /tmp/lw-stream --gptq     # also GPTQ on a one-layer model of the same shapes
+    python benchmarks/rss_trace.py -- compress ...           # where in the code the peak is (see that script)
 
 Results go to DIR/results.json and are printed as a Markdown table row.
 """
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--compress", default="--bits 3.25 --scorer lim --method rtn --group-size 128",
                         help="compress arguments for the whole model (default: LIM scores, lwq plan, RTN)")
     parser.add_argument("--gptq", action="store_true", help="also GPTQ on a one-layer model of the same shapes")
+    parser.add_argument("--gptq-layers", type=int, default=1, help="layers of the GPTQ model (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -168,10 +170,11 @@ def main() -> None:
     build_model(model_dir, args, args.layers)
     results.append(measure(model_dir, args.dir / "ckpt", args.compress.split(), args, args.layers, "whole model"))
     if args.gptq:
-        one = args.dir / f"llama-1x{args.hidden}"
-        build_model(one, args, 1)
-        results.append(measure(one, args.dir / "ckpt-gptq", ["--uniform", "4", "--method", "gptq", "--group-size",
-                                                             "128"], args, 1, "one layer, GPTQ 4-bit"))
+        n = args.gptq_layers
+        small = args.dir / f"llama-{n}x{args.hidden}"
+        build_model(small, args, n)
+        results.append(measure(small, args.dir / "ckpt-gptq", ["--uniform", "4", "--method", "gptq", "--group-size",
+                                                               "128"], args, n, f"{n} layer(s), GPTQ 4-bit"))
     if not args.keep:
         for out in ("ckpt", "ckpt-gptq"):
             shutil.rmtree(args.dir / out, ignore_errors=True)

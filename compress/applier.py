@@ -20,6 +20,7 @@ from layerwise.quant import (
     min_calibration_tokens,
     quantize_modules,
     relative_error,
+    squared_norm,
 )
 from layerwise.types import Plan, QuantSpec
 
@@ -201,12 +202,10 @@ def apply_plan(
         hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
         outcome = LayerOutcome(action.layer, specs=specs)
         names = [name for name in modules if specs[name] is not None]
-        jobs = [(modules[name], specs[name], hessians.get(name)) for name in names]
-        for name, qlinear in zip(names, quantize_modules(jobs), strict=True):  # type: ignore[arg-type]
-            weight = linear_weight(modules[name]).detach()
-            outcome.errors[name] = relative_error(weight, qlinear)
-            outcome.sq_norms[name] = float(weight.double().pow(2).sum())
-            set_submodule(step.layer, name, qlinear)
+        errors, sq_norms = _quantize_layer(step.layer, {n: modules.pop(n) for n in names}, specs, hessians)
+        del modules, hessians  # the float weights and Hessians are gone now: only the quantized layer is left
+        outcome.errors = {name: errors[name] for name in names}
+        outcome.sq_norms = {name: sq_norms[name] for name in names}
         if names:
             retie(model, plan, step.index)
         if calibrated:  # the next layer's inputs, through this layer as now quantized
@@ -216,6 +215,35 @@ def apply_plan(
             on_layer(step, outcome)
         outcomes.append(outcome)
     return outcomes
+
+
+def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict[str, QuantSpec | None],
+                    hessians: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+    """Swap each of `modules` (emptied as it goes) for its quantized version; each one's error and ||W||^2.
+
+    Modules are quantized a Hessian at a time (q/k/v, then o, gate/up, down on a llama), each group's
+    Hessian and float weights dropped as soon as it is done, so that at most one group's quantization
+    temporaries and the Hessians still to use are in memory with the layer (not every Hessian, every
+    float weight and every quantized copy at once). Groups are independent: the result is the same.
+    """
+    groups: dict[int, list[str]] = {}
+    for name in modules:
+        hessian = hessians.get(name)
+        groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
+    errors: dict[str, float] = {}
+    sq_norms: dict[str, float] = {}
+    for group in groups.values():
+        jobs = [(modules[name], specs[name], hessians.pop(name, None)) for name in group]
+        quantized = quantize_modules(jobs)  # type: ignore[arg-type]
+        del jobs
+        for name, qlinear in zip(group, quantized, strict=True):
+            weight = linear_weight(modules.pop(name)).detach()
+            errors[name] = relative_error(weight, qlinear)
+            sq_norms[name] = squared_norm(weight)
+            set_submodule(layer, name, qlinear)
+            del weight
+        del quantized
+    return errors, sq_norms
 
 
 def resolve_methods(plan: Plan, method: str) -> Plan:

@@ -8,6 +8,8 @@ layerwise reaches a model through these functions, so a new architecture is a ne
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -138,21 +140,30 @@ def check_finite_weights(model: nn.Module, name: str | None = None) -> None:
     would only fail (or, worse, write a NaN checkpoint) after its expensive part. Repairing the weights
     (zeroing them, say) is a modelling decision that belongs to the user, not to a compressor.
     """
-    bad = []
-    for param_name, param in model.named_parameters():
-        if param.is_floating_point() and param.device.type != "meta":
-            finite = torch.isfinite(param.detach())
-            if not bool(finite.all()):
-                n_nan = int(torch.isnan(param.detach()).sum())
-                n_inf = int((~finite).sum()) - n_nan
-                bad.append(f"{param_name} ({n_nan} NaN, {n_inf} Inf)")
+    bad = nonfinite_tensors(model.named_parameters())
     if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         what = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        raise LayerwiseError(
-            f"model {what} has non-finite weights in {', '.join(bad[:5])}{more}; layerwise cannot compress "
-            "NaN or Inf weights (they make every scale and score downstream NaN): repair or re-export the model"
-        )
+        raise LayerwiseError(nonfinite_message(what, bad))
+
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """``"NAME (n NaN, m Inf)"`` for each floating-point tensor (not on the meta device) that is not all finite."""
+    from layerwise.quant.quantized import all_finite
+
+    bad = []
+    for tensor_name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
+            n_nan = int(torch.isnan(tensor.detach()).sum())
+            n_inf = int(torch.isinf(tensor.detach()).sum())
+            bad.append(f"{tensor_name} ({n_nan} NaN, {n_inf} Inf)")
+    return bad
+
+
+def nonfinite_message(what: str, bad: list[str]) -> str:
+    """Why model `what` is refused, naming (up to five of) the tensors `nonfinite_tensors` found."""
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"model {what} has non-finite weights in {', '.join(bad[:5])}{more}; layerwise cannot compress "
+            "NaN or Inf weights (they make every scale and score downstream NaN): repair or re-export the model")
 
 
 # Sub-layers. "attn" is the module that owns the layer's KV-cache slot; "mlp" the module(s) of the

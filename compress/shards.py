@@ -1,9 +1,11 @@
 """Safetensors files read and written one tensor at a time, for models that do not fit in memory.
 
 `SafetensorsSource` reads a Hugging Face model directory (``model.safetensors``, or shards listed by
-``model.safetensors.index.json``): the headers give every tensor's name, dtype and shape without reading
-data, and `read` opens only the files that hold the requested tensors, copies them out and closes the
-files again, so no mapping of a whole shard stays resident between calls.
+``model.safetensors.index.json``): the headers give every tensor's name, dtype, shape and byte range
+without reading data, and `read` reads each requested tensor's bytes with plain file reads straight into
+its result (converting, say, bf16 to float32 a 64 MiB piece at a time), so memory holds the result and
+one piece, never a mapping of the shard or a second whole copy in the stored dtype. A file shorter than
+its header says, or one whose header does not parse, is refused up front as damaged (`BadWeights`).
 
 `write_safetensors` writes one safetensors file from tensors produced one at a time (a generator per
 tensor is called only when its bytes are due). The layout is exactly what ``safetensors.torch.save_file``
@@ -41,11 +43,18 @@ _RANK = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "
 _ELEMENT_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "F64": 8, "I64": 8}
 
 
+class BadWeights(LayerwiseError):
+    """The model's weights cannot be used as they are (a damaged file, NaN or Inf values): no run on them
+    can succeed, so a streamed compression drops its work directory instead of leaving it to resume."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
     dtype: str  # safetensors' name: F32, BF16, ...
     shape: tuple[int, ...]
+    start: int = 0  # byte range of the data in the file
+    stop: int = 0
 
     @property
     def numel(self) -> int:
@@ -57,6 +66,11 @@ class TensorInfo:
 
 def read_header(file: Path) -> dict[str, dict]:
     """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), without its data."""
+    return _read_layout(file)[0]
+
+
+def _read_layout(file: Path) -> tuple[dict[str, dict], int]:
+    """The header of `file` and the file offset where its data starts."""
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -64,9 +78,15 @@ def read_header(file: Path) -> dict[str, dict]:
                 raise ValueError(f"header length {length} is implausible")
             header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error) as exc:
-        raise LayerwiseError(f"{file} is not a readable safetensors file ({exc}); the files are damaged") from None
+        raise damaged(file, f"no readable safetensors header: {exc}") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
+
+
+def damaged(file: Path, reason: str) -> BadWeights:
+    """The error for a weights file that cannot be read, worded as the in-memory loader words it."""
+    return BadWeights(f"model {file.parent} in {file.parent}: cannot read {file.name} ({reason}); the file is "
+                      "truncated or damaged, save or download the model again")
 
 
 class SafetensorsSource:
@@ -88,8 +108,23 @@ class SafetensorsSource:
         self.files = files
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for name, entry in read_header(file).items():
-                self.tensors[name] = TensorInfo(file, entry["dtype"], tuple(entry["shape"]))
+            if not file.is_file():
+                raise BadWeights(f"{self.path}: {file.name}, listed in {INDEX_FILE}, is missing; the model is "
+                                 "incomplete, save or download it again")
+            header, base = _read_layout(file)
+            size = file.stat().st_size
+            for name, entry in header.items():
+                try:
+                    start, stop = (base + int(o) for o in entry["data_offsets"])
+                    info = TensorInfo(file, entry["dtype"], tuple(entry["shape"]), start, stop)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise damaged(file, f"tensor {name} has a malformed header entry: {exc!r}") from None
+                if info.dtype in _ELEMENT_BYTES and info.stop - info.start != info.numel * _ELEMENT_BYTES[info.dtype]:
+                    raise damaged(file, f"tensor {name}: {info.stop - info.start} bytes for a {info.dtype} "
+                                        f"{info.shape} tensor")
+                if info.stop > size:
+                    raise damaged(file, f"tensor {name} ends at byte {info.stop}, but the file has {size} bytes")
+                self.tensors[name] = info
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -113,11 +148,42 @@ class SafetensorsSource:
             by_file.setdefault(self.tensors[name].file, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for name in file_names:
-                    tensor = f.get_tensor(name)
-                    out[name] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+            try:
+                with open(file, "rb") as f:
+                    for name in file_names:
+                        out[name] = _read_tensor(f, name, self.tensors[name], dtype)
+            except OSError as exc:
+                raise damaged(file, str(exc)) from None
         return {name: out[name] for name in names}
+
+
+# Bytes read (and converted) at a time when the stored dtype differs from the one asked for.
+READ_CHUNK = 64 * 2**20
+
+
+def _read_tensor(f, name: str, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+    """Tensor `name` from the open file `f`, as `dtype` (or as stored), without a second full-size copy.
+
+    Exactly ``tensor.to(dtype)`` of the stored tensor: the conversion is elementwise.
+    """
+    if info.dtype not in _TORCH:
+        raise LayerwiseError(f"{info.file}: tensor {name} has dtype {info.dtype}, which layerwise cannot read")
+    stored = _TORCH[info.dtype]
+    out = torch.empty(info.shape, dtype=stored if dtype is None else dtype)
+    flat = out.view(-1)
+    element = _ELEMENT_BYTES[info.dtype]
+    step = max(1, READ_CHUNK // element)
+    buffer = None if out.dtype == stored else torch.empty(min(step, info.numel), dtype=stored)
+    f.seek(info.start)
+    for a in range(0, info.numel, step):
+        n = min(step, info.numel - a)
+        target = flat[a : a + n] if buffer is None else buffer[:n]
+        got = f.readinto(memoryview(target.view(torch.uint8).numpy()))
+        if got != n * element:
+            raise damaged(info.file, f"tensor {name}: the file ends before its data does")
+        if buffer is not None:
+            flat[a : a + n].copy_(target)
+    return out
 
 
 @dataclass(frozen=True)

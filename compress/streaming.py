@@ -11,8 +11,16 @@ final norm and lm_head are never loaded: no layer-local scorer reads logits (the
 the output at the end. Scoring streams the model once (one calibration pass; weight-only scorers read the
 layers without activations), quantization streams it again (GPTQ calibrates each layer on the outputs of
 the already-quantized layers before it, as in memory), and every finished layer is written to the work
-directory at once, then freed. Peak memory is one float32 layer, its quantized copy, the calibration
-activations (a layer's inputs and outputs) and, for GPTQ, its Hessians.
+directory at once, then freed. Peak memory is one float32 layer, the calibration activations (a layer's
+inputs and outputs), one module's quantization temporaries and, for GPTQ, the layer's Hessians still to
+use: modules are quantized one Hessian group at a time, each float weight and Hessian dropped when its
+module is done, and the big row-independent steps (reading, RTN, packing, dequantizing) work a bounded
+number of rows at a time (docs/RESULTS.md, "Streaming compression", has the measurements).
+
+Bad input. Weight files that do not match their headers (cut short, overwritten) are refused when the
+model is opened, naming the file; the tensors outside the layers are checked for NaN and Inf before
+anything else runs and each layer as it is read, naming the tensors. Either way (`BadWeights`) the work
+directory is removed, since no resumed run could finish, and nothing is written under the output name.
 
 Work directory. Beside the output ``CKPT``, ``.CKPT.partial/`` holds::
 
@@ -63,9 +71,9 @@ from layerwise.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, wri
 from layerwise.driver import LayerStep
 from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
-from layerwise.models import decoder_layers, layer_linear_shapes, layers_path
+from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.report import build_report
-from layerwise.shards import PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
+from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
 from layerwise.types import LayerScores, Plan, QuantSpec, parse_options, read_json, write_json_atomic
 
 PARTIAL_FORMAT = "layerwise.partial"
@@ -192,6 +200,7 @@ class StreamedModel:
         layer = self.layers[index]
         names = [n for n in self._tensor_names(layer) if f"{self.prefix}.{index}.{n}" in self.source]
         state = self.source.read([f"{self.prefix}.{index}.{n}" for n in names], self.dtype)
+        self._check_finite(state)
         self._assign(layer, {n: state[f"{self.prefix}.{index}.{n}"] for n in names})
         leftover = [n for n, t in self._named_tensors(layer) if t.device.type == "meta"]
         if leftover:
@@ -212,7 +221,19 @@ class StreamedModel:
                 isinstance(module, QuantLinear) or f"{self.prefix}.{index}.{prefix}{a}" in self.source)]
         self._to_meta(layer, names)
 
+    def check_outer(self) -> None:
+        """Refuse NaN or Inf in the tensors outside the decoder layers (embeddings, final norm, head), read
+        one at a time; the layers are checked as they are read (`load`)."""
+        for name in self._outer_names:
+            if name in self.source:
+                self._check_finite(self.source.read([name], self.dtype))
+
     # ------------------------------------------------------------------------------------- helpers
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        bad = nonfinite_tensors(tensors.items())
+        if bad:
+            raise BadWeights(nonfinite_message(str(self.path), bad))
+
     def _tensor_names(self, root: nn.Module, outside_layers: bool = False) -> list[str]:
         names = [n for n, _ in self._named_tensors(root)]
         if outside_layers:
@@ -407,6 +428,7 @@ def compress_streaming(
     out = check_output_dir(out, overwrite)
     start = time.perf_counter()
     streamed = StreamedModel(model_dir)
+    streamed.check_outer()  # the layers are checked as they are read
     model = streamed.model
     tokenizer = None
     if (Path(model_dir) / "tokenizer_config.json").is_file():
@@ -436,6 +458,9 @@ def compress_streaming(
         torch.set_num_threads(saved_threads)
     try:
         return _stream(streamed, work, args, shapes, windows, calib_summary, tokenizer, name, out, start, progress)
+    except BadWeights:
+        work.remove()  # a damaged file or a NaN weight: no resumed run could finish this one
+        raise
     finally:
         torch.set_num_threads(threads)
 

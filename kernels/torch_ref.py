@@ -32,20 +32,26 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Weights (out_features, in_features) in `dtype` from packed codes and per-group scales / zeros."""
-    codes = packing.unpack(qweight, bits, in_features)
     n_rows, n_groups = scales.shape
     width = group_size if n_groups > 1 else in_features
-    # View the codes as (rows, groups, width), padding a short last group, so that scales and zeros
-    # broadcast per group instead of being gathered per column.
-    grouped = F.pad(codes, (0, n_groups * width - in_features)).view(n_rows, n_groups, width).to(torch.float32)
-    if sym:
-        centred = grouped - float(2 ** (bits - 1))
-    else:
-        if zeros is None:
-            raise ValueError("asymmetric dequantization needs zeros")
-        centred = grouped - zeros.to(torch.float32).unsqueeze(-1)
-    weight = centred * scales.to(torch.float32).unsqueeze(-1)
-    return weight.view(n_rows, n_groups * width)[:, :in_features].to(dtype)
+    if not sym and zeros is None:
+        raise ValueError("asymmetric dequantization needs zeros")
+    out = torch.empty(n_rows, in_features, dtype=dtype, device=qweight.device)
+    # Rows are independent: a few at a time into `out`, so the temporaries stay small (same values).
+    for rows in packing.row_chunks(n_rows, n_groups * width):
+        codes = packing.unpack(qweight[rows], bits, in_features)
+        m = codes.shape[0]
+        # View the codes as (rows, groups, width), padding a short last group, so that scales and zeros
+        # broadcast per group instead of being gathered per column.
+        grouped = F.pad(codes, (0, n_groups * width - in_features)).view(m, n_groups, width).to(torch.float32)
+        if sym:
+            centred = grouped - float(2 ** (bits - 1))
+        else:
+            assert zeros is not None
+            centred = grouped - zeros[rows].to(torch.float32).unsqueeze(-1)
+        weight = centred * scales[rows].to(torch.float32).unsqueeze(-1)
+        out[rows] = weight.view(m, n_groups * width)[:, :in_features]
+    return out
 
 
 def dequant_matmul(

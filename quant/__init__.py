@@ -5,7 +5,7 @@ Importing this package registers every built-in quantizer; a new method is one m
 """
 
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
-from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error
+from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error, squared_norm
 from layerwise.quant.gptq import HessianFactor, min_calibration_tokens, quantize_gptq, quantize_gptq_shared
 from layerwise.quant.hessian import HessianAccumulator, SharedInputHessians
 from layerwise.quant.packing import PackFormat, pack, unpack
@@ -35,5 +35,6 @@ __all__ = [
     "quantize_modules",
     "quantize_rtn",
     "relative_error",
+    "squared_norm",
     "unpack",
 ]

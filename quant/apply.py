@@ -87,5 +87,11 @@ def relative_error(before: torch.Tensor | nn.Module, qlinear: QuantLinear) -> fl
     norm = torch.linalg.matrix_norm(weight)
     if norm == 0:
         return 0.0
-    diff = weight - qlinear.dequantize(torch.float32).to(weight.device)
+    diff = qlinear.dequantize(torch.float32).to(weight.device)
+    torch.sub(weight, diff, out=diff)  # weight - deq(W), written over deq(W): one weight-sized temporary
     return float(torch.linalg.matrix_norm(diff) / norm)
+
+
+def squared_norm(weight: torch.Tensor) -> float:
+    """``||W||_F^2`` summed in float64 (one float64 copy of the weight, squared in place)."""
+    return float(weight.detach().to(torch.float64, copy=True).pow_(2).sum())

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from layerwise.errors import LayerwiseError
-from layerwise.quant.packing import pack
-from layerwise.quant.quantized import QuantizedWeight, check_weight
+from layerwise.quant.packing import pack, row_chunks
+from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.quant.rtn import group_params
 from layerwise.types import QuantSpec
@@ -71,7 +71,7 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor | None, damp: floa
             f"the Hessian has shape {tuple(hessian.shape)} but the weight has {in_features} inputs; "
             f"it must be ({in_features}, {in_features})"
         )
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise LayerwiseError(
             "the Hessian contains NaN or inf values: the calibration activations overflowed; "
             "calibrate in float32 or with shorter / fewer outlier sequences"
@@ -87,17 +87,43 @@ def _damping_schedule(damp: float) -> list[float]:
     return [damp] + [first_retry * 10**i for i in range(1, _RETRIES + 1)]
 
 
-def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
-    """Upper U with ``U^T U = H^-1``, or None when H is not numerically positive definite."""
-    lower, info = torch.linalg.cholesky_ex(hessian)
-    if int(info) != 0 or not torch.isfinite(lower).all():
+def _upper_inverse_factor(hessian: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor | None:
+    """Upper U with ``U^T U = (H + damping I)^-1``, or None when that is not numerically positive definite.
+
+    Each (K, K) intermediate is freed as soon as the next exists, so at most three are alive with H (for
+    a llama down_proj, K = 11008, each is 0.45 GiB).
+    """
+    damped = hessian.clone()
+    damped.diagonal().add_(damping)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    del damped
+    if int(info) != 0 or not all_finite(lower):
         return None
     inverse = torch.cholesky_inverse(lower)
     del lower
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if int(info) != 0 or not torch.isfinite(upper).all():
+    del inverse
+    if int(info) != 0 or not all_finite(upper):
         return None
     return upper
+
+
+def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``matrix[perm][:, perm]`` as float32, gathered a few rows at a time (no full-size temporaries)."""
+    out = torch.empty(matrix.shape, dtype=torch.float32, device=matrix.device)
+    for rows in row_chunks(matrix.shape[0], matrix.shape[1]):
+        out[rows] = matrix.index_select(0, perm[rows]).index_select(1, perm)
+    return out
+
+
+def _stacked(weights: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(weights)[:, perm]``, each weight's columns gathered straight into its rows of the result."""
+    out = torch.empty(sum(w.shape[0] for w in weights), perm.numel(), dtype=weights[0].dtype, device=perm.device)
+    start = 0
+    for w in weights:
+        torch.index_select(w, 1, perm, out=out[start : start + w.shape[0]])
+        start += w.shape[0]
+    return out
 
 
 @dataclass
@@ -137,18 +163,38 @@ def _static_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
     return torch.stack([p[0] for p in params], dim=1), torch.stack([p[1] for p in params], dim=1)
 
 
+@dataclass
+class _StaticColumns:
+    """Act-order's static groups: every stacked row's scale and zero for any processed columns.
+
+    Kept per group ((rows, n_groups) per weight) and expanded one block of columns at a time: expanded
+    for all columns at once they would take two float32 copies of the stacked weights.
+    """
+
+    params: list[tuple[torch.Tensor, torch.Tensor]]
+    specs: list[QuantSpec]
+    perm: torch.Tensor
+
+    def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, stop - start) scales and zeros of processed columns start..stop."""
+        cols = self.perm[start:stop]
+        pairs = list(zip(self.params, self.specs, strict=True))
+        return (torch.cat([p[0][:, cols // spec.group_size] for p, spec in pairs]),
+                torch.cat([p[1][:, cols // spec.group_size] for p, spec in pairs]))
+
+
 def _quantize_columns(
     weight: torch.Tensor,
     upper: torch.Tensor,
     rows: _RowSet,
     block_size: int,
-    column_params: tuple[torch.Tensor, torch.Tensor] | None,
+    column_params: _StaticColumns | None,
     group_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Codes (in `weight`'s processing order) and the dynamic groups' scales and zeros; None on blow-up.
+    """Codes (int32, in `weight`'s processing order) and the dynamic groups' scales and zeros; None on blow-up.
 
-    `weight` (modified in place) and `upper` are already in processing order. `column_params` holds
-    every processed column's static scale and zero per row (act-order), or is None to compute each
+    `weight` (modified in place) and `upper` are already in processing order. `column_params` gives
+    the processed columns' static scales and zeros per row (act-order), or is None to compute each
     group's from the current weights at its first column (natural order, one `group_size` for all rows);
     the returned scales and zeros are only meaningful then.
     """
@@ -158,19 +204,20 @@ def _quantize_columns(
     n_groups = -(-in_features // group_size) if column_params is None else 0
     scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=device)
     zeros = torch.zeros_like(scales)
-    column_scales, column_zeros = column_params if column_params is not None else (None, None)
     diagonal = upper.diagonal().tolist()
-    codes = torch.empty(n_rows, in_features, dtype=torch.float32, device=device)
+    # Codes are integers below 2**8, exact in float32 and int32 alike: stored straight as int32.
+    codes = torch.empty(n_rows, in_features, dtype=torch.int32, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
         block = weight[:, start:stop].clone()
         errors = torch.zeros_like(block)
         u_block = upper[start:stop, start:stop]
+        block_scales, block_zeros = column_params.block(start, stop) if column_params is not None else (None, None)
         for i in range(stop - start):
             col = start + i
-            if column_scales is not None and column_zeros is not None:
-                scale, zero = column_scales[:, col], column_zeros[:, col]
+            if block_scales is not None and block_zeros is not None:
+                scale, zero = block_scales[:, i], block_zeros[:, i]
             else:
                 group = col // group_size
                 if col % group_size == 0:
@@ -191,7 +238,7 @@ def _quantize_columns(
         finite &= torch.isfinite(errors).all()
     if not bool(finite):
         return None
-    return codes.to(torch.int32), scales, zeros
+    return codes, scales, zeros
 
 
 @dataclass
@@ -214,14 +261,16 @@ class HessianFactor:
     @classmethod
     def of(cls, hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
         """Factor `hessian` with damping `damp` (raised with a warning if H will not factor)."""
-        h = hessian.detach().to(torch.float32).clone()
-        dead = h.diagonal() == 0
-        h.diagonal()[dead] = 1.0
+        source = hessian.detach()
+        diagonal = source.diagonal().to(torch.float32, copy=True)
+        dead = diagonal == 0
+        diagonal[dead] = 1.0
         if act_order:
-            perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-            h = h[perm][:, perm]
+            perm = torch.argsort(diagonal, descending=True, stable=True)
         else:
-            perm = torch.arange(h.shape[0], device=h.device)
+            perm = torch.arange(source.shape[0], device=source.device)
+        h = _permuted(source, perm)  # one float32 copy, however big H is
+        h.diagonal()[dead[perm]] = 1.0
         factor = cls(h, perm, dead, act_order, damp)
         factor._factor(_damping_schedule(damp))
         return factor
@@ -229,9 +278,8 @@ class HessianFactor:
     def _factor(self, schedule: list[float]) -> None:
         mean_diag = self.hessian.diagonal().mean()
         for used in schedule:
-            damped = self.hessian.clone()
-            damped.diagonal().add_(used * mean_diag)
-            self.upper = _upper_inverse_factor(damped)
+            self.upper = None  # free the last try's factor before making the next
+            self.upper = _upper_inverse_factor(self.hessian, used * mean_diag)
             if self.upper is not None:
                 self.damp = used
                 return
@@ -290,33 +338,30 @@ def quantize_gptq_shared(
     for w in rows.weights:
         w[:, factor.dead] = 0.0
     group_sizes = sorted({s.group_size for s in specs})
+    column_params = None
     if factor.act_order:  # static groups: each weight's natural groups, at its own group size
         params = [_static_params(w, spec) for w, spec in zip(rows.weights, specs, strict=True)]
-        column_params = tuple(
-            torch.cat([p[k][:, factor.perm // spec.group_size] for p, spec in zip(params, specs, strict=True)])
-            for k in (0, 1)
-        )
+        column_params = _StaticColumns(params, specs, factor.perm)
     elif len(group_sizes) > 1:
         raise LayerwiseError(
             f"without act-order, weights quantized in one GPTQ sweep must share a group size, got {group_sizes}"
         )
-    stacked = torch.cat(rows.weights)[:, factor.perm]
     while True:
         assert factor.upper is not None
-        result = _quantize_columns(stacked.clone(), factor.upper, rows, block_size,
-                                   column_params if factor.act_order else None, group_sizes[0])  # type: ignore[arg-type]
+        # The working copy (in processing order) is gathered afresh for every try: no second copy kept.
+        result = _quantize_columns(_stacked(rows.weights, factor.perm), factor.upper, rows, block_size,
+                                   column_params, group_sizes[0])
         if result is not None:
             break
         factor.redamp()
     factor.warn_if_redamped()
     processed_codes, dynamic_scales, dynamic_zeros = result
-    codes = torch.empty_like(processed_codes)
-    codes[:, factor.perm] = processed_codes  # back to the original column order
+    del result
     if not factor.act_order:
         params = [(dynamic_scales[part], dynamic_zeros[part]) for part in rows.slices]
     return [
         QuantizedWeight(
-            qweight=pack(codes[part], spec.bits),
+            qweight=pack(_unpermuted(processed_codes[part], factor.perm), spec.bits),
             scales=scale.to(torch.float16),
             zeros=None if spec.sym else zero.to(torch.float16),
             spec=spec,
@@ -346,6 +391,13 @@ def quantize_gptq(
     for memory traffic; it does not change the result beyond float rounding.
     """
     return quantize_gptq_shared([weight], [spec], hessian, damp=damp, block_size=block_size, act_order=act_order)[0]
+
+
+def _unpermuted(codes: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Codes in processing order back in the original column order (one weight's rows at a time)."""
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out
 
 
 quantize_gptq.needs_hessian = True  # read by the driver: collect calibration Hessians for this method

@@ -78,20 +78,39 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise LayerwiseError(f"pack expects integer codes, got dtype {codes.dtype}")
     n_rows, in_features = codes.shape
-    codes = codes.to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise LayerwiseError(
             f"{bits}-bit codes must lie in [0, {2**bits - 1}], got range [{int(codes.min())}, {int(codes.max())}]"
         )
     n_words = words_per_row(in_features, bits)
     word, shift = _code_positions(in_features, bits, codes.device)
-    shifted = codes << shift  # at most 39 bits wide: fits in int64 without overflow
-    # One spare word so that the high half of the last code always has somewhere to go; it stays zero.
-    acc = torch.zeros(n_rows, n_words + 1, dtype=torch.int64, device=codes.device)
-    # Codes never share bits, so adding the pieces is the same as OR-ing them in.
-    acc.index_add_(1, word, shifted & _WORD_MASK)
-    acc.index_add_(1, word + 1, shifted >> _WORD_BITS)
-    return _to_int32_bits(acc[:, :n_words])
+    out = torch.empty(n_rows, n_words, dtype=torch.int32, device=codes.device)
+    # Rows are packed independently, so a few at a time: the int64 temporaries then take a bounded
+    # amount of memory instead of several times the (int32) codes of a whole 11008x4096 weight.
+    for rows in row_chunks(n_rows, in_features):
+        chunk = codes[rows].to(torch.int64)
+        shifted = chunk << shift  # at most 39 bits wide: fits in int64 without overflow
+        # One spare word so that the high half of the last code always has somewhere to go; it stays zero.
+        acc = torch.zeros(chunk.shape[0], n_words + 1, dtype=torch.int64, device=codes.device)
+        # Codes never share bits, so adding the pieces is the same as OR-ing them in.
+        acc.index_add_(1, word, shifted & _WORD_MASK)
+        acc.index_add_(1, word + 1, shifted >> _WORD_BITS)
+        out[rows] = _to_int32_bits(acc[:, :n_words])
+    return out
+
+
+# Elements of a row-chunked temporary (`row_chunks`): 2**22 int64 or float32 values, 32 or 16 MiB.
+CHUNK_ELEMENTS = 2**22
+
+
+def row_chunks(n_rows: int, row_length: int) -> list[slice]:
+    """Slices covering `n_rows` rows, each at most `CHUNK_ELEMENTS` values (and at least one row) long.
+
+    For row-independent work on big weights (packing, dequantizing, RTN): done a chunk at a time into a
+    preallocated result, it gives exactly the same values with temporaries of a bounded size.
+    """
+    step = max(1, CHUNK_ELEMENTS // max(row_length, 1))
+    return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)] or [slice(0, 0)]
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

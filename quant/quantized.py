@@ -69,6 +69,16 @@ class QuantizedWeight:
         return self.spec.storage_bits(self.out_features, self.in_features)
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 2**22) -> bool:
+    """Whether every value of `tensor` is finite, checked `chunk` values at a time.
+
+    ``torch.isfinite`` of a float tensor builds a full-size ``abs()`` copy and two boolean masks; on an
+    11008 x 11008 Hessian that is 0.7 GiB more than the tensor itself, in pieces it is a few MiB.
+    """
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(piece).all()) for piece in flat.split(chunk))
+
+
 def check_weight(weight: torch.Tensor, method: str) -> None:
     """Refuse what no quantizer can use: anything but a finite 2-D float (out_features, in_features) weight."""
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
@@ -76,5 +86,5 @@ def check_weight(weight: torch.Tensor, method: str) -> None:
             f"{method} expects a 2-D float weight (out_features, in_features), got {weight.dtype} "
             f"of shape {tuple(weight.shape)}"
         )
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise LayerwiseError("the weight contains NaN or inf values; it cannot be quantized")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from layerwise.quant.packing import pack
+from layerwise.quant.packing import pack, row_chunks
 from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS
 from layerwise.types import QuantSpec
@@ -80,13 +80,19 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     out_features, in_features = weight.shape
     n_groups = spec.n_groups(in_features)
     width = spec.group_size if n_groups > 1 else in_features
-    w = weight.detach().to(torch.float32)
-    # Zero padding is harmless: every group's range already contains 0, so padded columns change
-    # neither min/max nor max|w|; their codes are cut off again below.
-    w = F.pad(w, (0, n_groups * width - in_features)).view(out_features, n_groups, width)
-    scale, zero = group_params(w, spec.bits, spec.sym)
-    codes = quantize_codes(w, scale[..., None], zero[..., None], spec.bits)
-    codes = codes.view(out_features, n_groups * width)[:, :in_features]
+    weight = weight.detach()
+    scale = torch.empty(out_features, n_groups, dtype=torch.float32, device=weight.device)
+    zero = torch.empty_like(scale)
+    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=weight.device)
+    # Rows are independent: quantized a few at a time, so the temporaries stay small (same values).
+    for rows in row_chunks(out_features, n_groups * width):
+        m = rows.stop - rows.start
+        # Zero padding is harmless: every group's range already contains 0, so padded columns change
+        # neither min/max nor max|w|; their codes are cut off again below.
+        w = F.pad(weight[rows].to(torch.float32), (0, n_groups * width - in_features)).view(m, n_groups, width)
+        scale[rows], zero[rows] = group_params(w, spec.bits, spec.sym)
+        chunk = quantize_codes(w, scale[rows, :, None], zero[rows, :, None], spec.bits)
+        codes[rows] = chunk.view(m, n_groups * width)[:, :in_features]
     return QuantizedWeight(
         qweight=pack(codes, spec.bits),
         scales=scale.to(torch.float16),

@@ -130,3 +130,74 @@ def test_source_reads_sharded_and_single_files(tmp_path):
         assert tensor.dtype == torch.float32 and tuple(tensor.shape) == source.tensors[name].shape
         header_len = struct.unpack("<Q", source.files[0].read_bytes()[:8])[0]
         assert header_len % 8 == 0
+
+
+def _shard_of(path, name: str):
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    return path / weight_map[name]
+
+
+def _poison(path, name: str, index, value: float) -> None:
+    shard = _shard_of(path, name)
+    state = safetensors.torch.load_file(shard)
+    state[name][index] = value
+    safetensors.torch.save_file(state, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case", ["lim-rtn", "uniform-gptq"])
+def test_nan_and_inf_weights_are_named_and_nothing_is_left(tmp_path, case):
+    path = saved_model(tmp_path, "llama")
+    _poison(path, "model.layers.1.self_attn.q_proj.weight", (0, slice(0, 3)), float("nan"))
+    out = tmp_path / "o"
+    with pytest.raises(LayerwiseError, match=r"layers\.1\.self_attn\.q_proj\.weight \(3 NaN, 0 Inf\).*re-export"):
+        streamed(path, out, **CASES[case])
+    assert not out.exists() and not partial_dir(out).exists()  # layer 0 was done, then dropped
+
+    _poison(path, "lm_head.weight", (2, 5), float("-inf"))  # never loaded to compress: checked up front
+    with pytest.raises(LayerwiseError, match=r"lm_head\.weight \(0 NaN, 1 Inf\)"):
+        streamed(path, out, **CASES[case])
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "detail"),
+    [
+        (lambda data: data[: len(data) // 2], "ends at byte"),
+        (lambda data: data[:-1], "ends at byte"),
+        (lambda data: b"\xff" * 8 + data[8:], "no readable safetensors header"),
+        (lambda data: b"", "no readable safetensors header"),
+    ],
+    ids=["half", "last-byte", "header", "empty"],
+)
+def test_damaged_weight_files_are_named(tmp_path, damage, detail):
+    path = saved_model(tmp_path, "llama")
+    shard = _shard_of(path, "model.layers.2.mlp.up_proj.weight")
+    shard.write_bytes(damage(shard.read_bytes()))
+    out = tmp_path / "o"
+    with pytest.raises(LayerwiseError, match="damaged") as info:
+        streamed(path, out, **CASES["lim-rtn"])
+    assert shard.name in str(info.value) and detail in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_a_file_cut_short_after_opening_is_named(tmp_path):
+    path = saved_model(tmp_path, "llama")
+    source = SafetensorsSource(path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = _shard_of(path, name)
+    shard.write_bytes(shard.read_bytes()[: source.tensors[name].start + 10])
+    with pytest.raises(LayerwiseError, match=f"cannot read {shard.name} .*{name}.*truncated or damaged"):
+        source.read([name], torch.float32)
+
+
+def test_reads_convert_exactly_in_pieces(tmp_path, monkeypatch):
+    import layerwise.shards as shards
+
+    path = saved_model(tmp_path, "llama", sharded=False)
+    reference = safetensors.torch.load_file(path / "model.safetensors")
+    monkeypatch.setattr(shards, "READ_CHUNK", 100)  # many pieces per tensor, and a short last one
+    source = SafetensorsSource(path)
+    for name, tensor in reference.items():
+        assert torch.equal(source.read([name], torch.float32)[name], tensor.to(torch.float32))
+        stored = source.read([name])[name]
+        assert stored.dtype == tensor.dtype and torch.equal(stored, tensor)
