@@ -82,11 +82,14 @@ def _unwritable_reason(path: Path) -> str:
     return "not writable by this user"
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tensors shared between names (tied embeddings) stored once, contiguous."""
+def unique_state_dict(module: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """State dict with tensors shared between names (tied embeddings, tied layers) stored once (first
+    name), contiguous; names starting with a prefix in `exclude` are left out."""
     seen: set[tuple[int, int]] = set()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in module.state_dict().items():
+        if name.startswith(exclude):
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen:
             continue
@@ -108,7 +111,7 @@ def save_checkpoint(
     out = check_output_dir(out, overwrite)
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
-        safetensors.torch.save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        safetensors.torch.save_file(unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_meta(tmp, next(model.parameters()).dtype, plan, extra)

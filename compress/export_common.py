@@ -22,7 +22,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from layerwise.checkpoint import WEIGHTS_FILE, Checkpoint
+from layerwise.checkpoint import WEIGHTS_FILE, Checkpoint, unique_state_dict
 from layerwise.errors import LayerwiseError
 from layerwise.quant import QuantLinear
 from layerwise.quant.packing import unpack
@@ -88,18 +88,8 @@ def model_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors that are not part of a QuantLinear, each shared tensor once (first name)."""
-    skip = {f"{name}." for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, tensor in model.state_dict().items():
-        if any(key.startswith(prefix) for prefix in skip):
-            continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = tensor.detach().contiguous()
-    return out
+    quantized = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, QuantLinear))
+    return unique_state_dict(model, exclude=quantized)
 
 
 def structure_blockers(plan: Plan) -> list[str]:

@@ -67,14 +67,22 @@ from layerwise.applier import (
     resolve_methods,
 )
 from layerwise.budget import average_bits
-from layerwise.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, write_meta
+from layerwise.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, unique_state_dict, write_meta
 from layerwise.driver import LayerStep
 from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
 from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.report import build_report
 from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
-from layerwise.types import LayerScores, Plan, QuantSpec, parse_options, read_json, write_json_atomic
+from layerwise.types import (
+    LayerScores,
+    Plan,
+    QuantSpec,
+    parse_options,
+    read_json,
+    write_file_atomic,
+    write_json_atomic,
+)
 
 PARTIAL_FORMAT = "layerwise.partial"
 PARTIAL_VERSION = 1
@@ -343,13 +351,14 @@ class WorkDir:
     def save_layer(self, step: LayerStep, prefix: str, outcome: LayerOutcome, calibrated: bool, last: bool) -> None:
         """A finished layer's tensors and outcome; then (calibrated) the next layer's inputs."""
         index = step.index
-        state = {f"{prefix}.{index}.{n}": t.detach().contiguous() for n, t in _unique_tensors(step.layer)}
-        _atomic(self.layer_file(index), lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
+        state = {f"{prefix}.{index}.{n}": t for n, t in unique_state_dict(step.layer).items()}
+        write_file_atomic(self.layer_file(index),
+                          lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
         write_json_atomic(self.outcome_file(index), _outcome_to_dict(outcome))
         if calibrated and not last:
             assert step.outputs is not None
             hidden = {str(i): h.contiguous() for i, h in enumerate(step.outputs)}
-            _atomic(self.hidden_file(index + 1), lambda tmp: safetensors.torch.save_file(hidden, tmp))
+            write_file_atomic(self.hidden_file(index + 1), lambda tmp: safetensors.torch.save_file(hidden, tmp))
         self.hidden_file(index).unlink(missing_ok=True)
 
     def load_hidden(self, index: int) -> list[torch.Tensor]:
@@ -362,26 +371,6 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _unique_tensors(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    seen: set[int] = set()
-    out = []
-    for name, tensor in layer.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            out.append((name, tensor))
-    return out
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _outcome_to_dict(outcome: LayerOutcome) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -430,10 +431,15 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write JSON to a temporary sibling, then rename: a crash never leaves half a file."""
+    write_file_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """`write` a temporary sibling of `path`, then rename it into place: a crash never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:  # a full or read-only filesystem: say so in one line
         error = write_error(path, exc)

@@ -6,7 +6,7 @@ import torch
 from conftest import random_windows
 from torch import nn
 
-from layerwise.checkpoint import _unique_state_dict
+from layerwise.checkpoint import unique_state_dict
 from layerwise.models import decoder_layers
 
 
@@ -39,7 +39,7 @@ def assert_cache_consistent(model: nn.Module) -> None:
 
 
 def unique_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in _unique_state_dict(model).values())
+    return sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
 
 
 def fingerprint(model: nn.Module) -> tuple:
