@@ -1,0 +1,84 @@
+"""Reference checkpoints: cases whose bytes must not change when the pipeline is restructured.
+
+`python tests/reference_cases.py --write` records, for each case, the sha256 of the checkpoint's
+model.safetensors and of its plan (as JSON with sorted keys) in tests/data/reference_checkpoints.json;
+tests/pipeline/test_reference_checkpoints.py compresses the same cases and compares. The hashes were
+first written by the code before the one-pipeline redesign (issue 13), so a test failure means the
+restructured pipeline changed what a user gets for the same arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+REFERENCE_FILE = HERE / "data" / "reference_checkpoints.json"
+
+from conftest import random_windows, tiny_model, tiny_tokenizer  # noqa: E402
+
+WINDOWS = random_windows(6, 24, seed=3)
+# name -> (architecture, compress() keyword arguments); every case writes a checkpoint through `out`.
+CASES: dict[str, tuple[str, dict]] = {
+    "rtn-uniform-mem": ("llama", dict(uniform=4, method="rtn", group_size=32, stream=False)),
+    "rtn-uniform-stream": ("llama", dict(uniform=4, method="rtn", group_size=32, stream=True)),
+    "gptq-uniform-mem": ("qwen2", dict(uniform=3, method="gptq", group_size=32, stream=False)),
+    "gptq-uniform-stream": ("qwen2", dict(uniform=3, method="gptq", group_size=32, stream=True)),
+    "lim-lwq-rtn-stream": ("llama", dict(bits=3.25, scorer="lim", method="rtn", group_size=32, stream=True)),
+    "zd-lwq-gptq-mem": ("gemma3", dict(bits=3.0, scorer="zd", method="gptq", group_size=32, stream=False)),
+    "zd-lwq-gptq-stream": ("gemma3", dict(bits=3.0, scorer="zd", method="gptq", group_size=32, stream=True)),
+    "sensitivity-optimal-gptq-mem": ("llama", dict(bits=3.25, options="2:32,3:32,4:32,8:32", group_size=32,
+                                                   stream=False)),
+    "prune-lim-rtn-mem": ("llama", dict(prune=1, bits=3.25, scorer="lim", method="rtn", group_size=32,
+                                        prune_scorer="lim", stream=False)),
+    "prune-sensitivity-gptq-mem": ("mistral", dict(prune=1, bits=3.5, options="2:32,3:32,4:32,8:32",
+                                                   group_size=32, stream=False)),
+    "drop-tie-rtn-mem": ("llama", dict(drop_mlp=1, tie=1, bits=3.5, scorer="lim", method="rtn", group_size=32,
+                                       stream=False)),
+}
+
+
+def saved_model(root: Path, arch: str) -> Path:
+    """A tiny random model saved as bf16 safetensors (sharded), with a tiny tokenizer."""
+    path = root / f"{arch}-src"
+    if not path.exists():
+        model = tiny_model(arch, n_layers=4).to(torch.bfloat16)
+        model.save_pretrained(path, max_shard_size="40KB")
+        tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def checkpoint_digest(ckpt: Path) -> dict[str, str]:
+    meta = json.loads((ckpt / "layerwise.json").read_text())
+    return {"model.safetensors": hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest(),
+            "plan": hashlib.sha256(json.dumps(meta["plan"], sort_keys=True).encode()).hexdigest()}
+
+
+def run_case(name: str, root: Path) -> dict[str, str]:
+    import layerwise
+
+    arch, kwargs = CASES[name]
+    out = root / name
+    layerwise.compress(str(saved_model(root, arch)), calib=WINDOWS, progress=False, out=str(out), **kwargs)
+    return checkpoint_digest(out)
+
+
+def main() -> None:
+    import tempfile
+
+    torch.set_num_threads(2)  # CI's machine: GPTQ's float sums depend on the thread count
+    with tempfile.TemporaryDirectory() as tmp:
+        digests = {name: run_case(name, Path(tmp)) for name in CASES}
+    text = json.dumps({"torch_threads": 2, "cases": digests}, indent=1, sort_keys=True) + "\n"
+    if "--write" in sys.argv:
+        REFERENCE_FILE.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
