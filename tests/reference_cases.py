@@ -53,10 +53,12 @@ def saved_model(root: Path, arch: str) -> Path:
     return path
 
 
-def checkpoint_digest(ckpt: Path) -> dict[str, str]:
+def checkpoint_digest(ckpt: Path, root: Path) -> dict[str, str]:
+    """Hashes of the weights and of the plan, the temporary directory's name taken out of the plan."""
     meta = json.loads((ckpt / "layerwise.json").read_text())
+    plan = json.dumps(meta["plan"], sort_keys=True).replace(str(root), "ROOT")
     return {"model.safetensors": hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest(),
-            "plan": hashlib.sha256(json.dumps(meta["plan"], sort_keys=True).encode()).hexdigest()}
+            "plan": hashlib.sha256(plan.encode()).hexdigest()}
 
 
 def run_case(name: str, root: Path) -> dict[str, str]:
@@ -65,7 +67,7 @@ def run_case(name: str, root: Path) -> dict[str, str]:
     arch, kwargs = CASES[name]
     out = root / name
     layerwise.compress(str(saved_model(root, arch)), calib=WINDOWS, progress=False, out=str(out), **kwargs)
-    return checkpoint_digest(out)
+    return checkpoint_digest(out, root)
 
 
 def main() -> None:
