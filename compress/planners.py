@@ -120,5 +120,56 @@ def uniform_plan(
                 made_by={"planner": "uniform", "bits": bits, "group_size": group_size, "sym": sym, "method": method})
 
 
+def planner_requirements(planner: str, fields: bool = False) -> frozenset[str]:
+    """What `planner` needs from its scores (or, with `fields`, the arguments its config takes)."""
+    from dataclasses import fields as dataclass_fields
+
+    config_class = PLANNERS.get(planner).config_class  # type: ignore[attr-defined]
+    names = frozenset(f.name for f in dataclass_fields(config_class))
+    if fields:
+        return names
+    return frozenset({"option_damage"}) if "options" in names else frozenset()
+
+
+def make_plan(
+    scores: LayerScores,
+    bits: float | None = 3.25,
+    *,
+    planner: str | None = None,
+    high: int = 4,
+    low: int = 2,
+    group_size: int = 128,
+    sym: bool = False,
+    method: str | None = None,
+    order: str = "importance",
+    seed: int = 0,
+    n_low: int | None = None,
+    options: str | list[str] | None = None,
+) -> Plan:
+    """Turn scores and a budget (average bits per decoder weight, overhead included) into a plan.
+
+    `lwq` reads `high`, `low`, `group_size`, `sym`, `order`, `seed`, `n_low`; `optimal` reads `options`
+    (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the scores measured). `planner` defaults
+    to `optimal` when the scores carry measured damage per option, else `lwq`.
+    """
+    from dataclasses import fields
+
+    from layerwise.quant import QUANTIZERS
+    from layerwise.types import parse_options
+
+    planner = planner or ("optimal" if scores.option_damage else "lwq")
+    plan_fn = PLANNERS.get(planner)
+    if method is not None:
+        QUANTIZERS.get(method)
+    parsed = None if options is None else tuple(parse_options(options, default_method=method or "rtn"))
+    values = dict(bits=bits, high=high, low=low, group_size=group_size, sym=sym, method=method, order=order,
+                  seed=seed, n_low=n_low, options=parsed)
+    config_class = plan_fn.config_class  # type: ignore[attr-defined]
+    accepted = {f.name for f in fields(config_class)}
+    if bits is None and "n_low" not in accepted:
+        raise LayerwiseError(f"planner {planner!r} needs a budget: give --bits")
+    return plan_fn(scores, config_class(**{k: v for k, v in values.items() if k in accepted}))
+
+
 # Registration of planners that live in their own modules (imported last: they import this registry).
 from layerwise import optimal  # noqa: E402, F401

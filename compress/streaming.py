@@ -41,14 +41,11 @@ format as an in-memory compression's, and for the same arguments the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
-import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +53,19 @@ import safetensors.torch
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerwise.applier import (
     LayerOutcome,
-    apply_plan,
-    method_needs_hessian,
-    needs_hessian,
-    plan_needs_calibration,
-    resolve_methods,
 )
-from layerwise.budget import average_bits
-from layerwise.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, unique_state_dict, write_meta
+from layerwise.checkpoint import unique_state_dict
 from layerwise.driver import LayerStep
 from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
-from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
-from layerwise.report import build_report
-from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
+from layerwise.models import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
+from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending
 from layerwise.types import (
-    LayerScores,
-    Plan,
     QuantSpec,
-    parse_options,
     read_json,
     write_file_atomic,
     write_json_atomic,
@@ -130,34 +117,6 @@ def should_stream(model_dir: Path) -> tuple[bool, str]:
     verdict = "over" if stream else "within"
     return stream, (f"float32 weights {size / 2**30:.1f} GiB, {verdict} {STREAM_FRACTION:.0%} of the "
                     f"{available / 2**30:.1f} GiB available")
-
-
-@dataclass
-class RunArgs:
-    """What decides a streamed compression's output: a resumed run must match these exactly."""
-
-    bits: float | None
-    scorer: str
-    planner: str | None
-    method: str
-    group_size: int
-    high: int
-    low: int
-    sym: bool
-    order: str
-    seed: int
-    n_low: int | None
-    options: str | list[str] | None
-    uniform: int | None
-    calib: str
-    calib_windows: int
-    calib_len: int
-    plan_options: dict[str, Any] = field(default_factory=dict)  # as passed to make_plan (not compared)
-
-    def compared(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("plan_options")
-        return data
 
 
 class StreamedModel:
@@ -393,143 +352,3 @@ def _differences(saved: dict[str, Any], run: dict[str, Any]) -> list[str]:
     if saved.get("source") != run.get("source"):
         out.append(f"the model files of {run.get('model')} changed since")
     return out
-
-
-# ------------------------------------------------------------------------------------------------- pipeline
-def compress_streaming(
-    model_dir: str | os.PathLike,
-    out: str | os.PathLike,
-    args: RunArgs,
-    *,
-    name: str,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    calib_windows: torch.Tensor | None = None,
-):
-    """Compress the model saved in `model_dir` into checkpoint `out`, streaming it layer by layer.
-
-    Returns a `CompressResult` whose `model` is None (load the checkpoint with `layerwise.load`).
-    """
-    from layerwise.api import _calibration
-    from layerwise.importance import SCORERS
-
-    out = check_output_dir(out, overwrite)
-    start = time.perf_counter()
-    streamed = StreamedModel(model_dir)
-    streamed.check_outer()  # the layers are checked as they are read
-    model = streamed.model
-    tokenizer = None
-    if (Path(model_dir) / "tokenizer_config.json").is_file():
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    shapes = layer_linear_shapes(model)
-    scorer_cls = SCORERS.get(args.scorer)
-    scoring = args.uniform is None and (args.bits is not None or args.n_low is not None)
-    options = parse_options(args.options, args.method) if args.options and scoring else []
-    calibrated_method = method_needs_hessian(args.method) or any(needs_hessian(o) for o in options)
-    windows, calib_summary = None, {}
-    if (scoring and scorer_cls.needs_activations) or calibrated_method:
-        source = calib_windows if calib_windows is not None else args.calib
-        windows, calib_summary = _calibration(tokenizer, source, args.calib_windows, args.calib_len,
-                                              f"{args.scorer!r} with {args.method!r}")
-    run = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION, "model": str(model_dir),
-           "args": {**args.compared(), "calib_tokens_sha256": _sha256(windows)},
-           "source": streamed.source.fingerprint(), "torch_threads": torch.get_num_threads()}
-    work = WorkDir(out)
-    resumed = work.start(run, resume)
-    threads = torch.get_num_threads()
-    saved_threads = read_json(work.path / RUN_FILE, "run").get("torch_threads") if resumed else threads
-    if isinstance(saved_threads, int) and saved_threads != threads:
-        # CPU matmul reductions split by thread count: continue with the count the run started with.
-        warnings.warn(f"resuming with {saved_threads} torch threads, as the run started (not {threads}), so that "
-                      "the result matches an uninterrupted run", RuntimeWarning, stacklevel=2)
-        torch.set_num_threads(saved_threads)
-    try:
-        return _stream(streamed, work, args, shapes, windows, calib_summary, tokenizer, name, out, start, progress)
-    except BadWeights:
-        work.remove()  # a damaged file or a NaN weight: no resumed run could finish this one
-        raise
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _stream(streamed: StreamedModel, work: WorkDir, args: RunArgs, shapes: list, windows: torch.Tensor | None,
-            calib_summary: dict[str, Any], tokenizer: Any, name: str, out: Path, start: float, progress: bool):
-    """Score and plan (unless the work directory has them), quantize the unfinished layers, assemble `out`."""
-    from layerwise.api import CompressResult, make_plan
-    from layerwise.importance import SCORERS, score_model
-    from layerwise.planners import uniform_plan
-
-    model = streamed.model
-    scorer_cls = SCORERS.get(args.scorer)
-    scoring = args.uniform is None and (args.bits is not None or args.n_low is not None)
-    if scoring:  # the budget against the shapes, before any slow step
-        make_plan(LayerScores("budget-check", [0.0] * len(shapes), shapes), args.bits, **args.plan_options)
-    scores: LayerScores | None = None
-    if not scoring:
-        plan = _cached_plan(work) or uniform_plan(shapes, args.uniform, args.group_size, sym=args.sym,
-                                                  method=args.method)
-    else:
-        if (work.path / SCORES_FILE).is_file():
-            scores = LayerScores.load(work.path / SCORES_FILE)
-        else:
-            kwargs = {k: v for k, v in {"options": args.options, "method": args.method}.items()
-                      if k in _accepted(scorer_cls) and v is not None}
-            scores = score_model(model, [args.scorer], windows, model_name=name, calibration=calib_summary,
-                                 scorer_options={args.scorer: kwargs}, progress=progress, weights=streamed)[args.scorer]
-            scores.save(work.path / SCORES_FILE)
-        plan = _cached_plan(work) or make_plan(scores, args.bits, **args.plan_options)
-    plan.target_bits = args.bits if scoring else None
-    plan.avg_bits = average_bits(plan.layers, shapes)
-    plan.save(work.path / PLAN_FILE)
-
-    n_layers = len(shapes)
-    calibrated = plan_needs_calibration(plan, args.method)
-    first = work.resume_point(n_layers, calibrated)
-    if first < n_layers:
-        hidden = work.load_hidden(first) if calibrated and first > 0 else None
-        streamed.quantizing = True
-        apply_plan(model, plan, args.method, windows=windows if calibrated else None, progress=progress,
-                   weights=streamed, start=first, hidden=hidden,
-                   on_layer=lambda step, outcome: work.save_layer(step, streamed.prefix, outcome, calibrated,
-                                                                  step.index == n_layers - 1))
-        streamed.quantizing = False
-    applied = resolve_methods(plan, args.method)
-    report = build_report(model, applied, work.outcomes(n_layers), shapes, model_name=name,
-                          original_element_bytes=4, scores=scores)
-    report.metrics["compress_seconds"] = round(time.perf_counter() - start, 2)
-    report.metrics["streamed"] = True
-    if scores is not None:
-        report.metrics["score_seconds"] = round(scores.seconds, 2)
-    extra: dict[str, Any] = {"report": report.to_dict()}
-    if scores is not None:
-        extra["scores"] = scores.to_dict()
-    with atomic_dir(out) as tmp:
-        with quiet_transformers():
-            model.config.save_pretrained(tmp)
-        entries = streamed.outer_tensors()
-        for i in range(n_layers):
-            entries += read_entries(work.layer_file(i))
-        write_safetensors(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_meta(tmp, streamed.dtype, applied, extra)
-    work.remove()
-    return CompressResult(None, tokenizer, applied, scores, report)  # type: ignore[arg-type]
-
-
-def _cached_plan(work: WorkDir) -> Plan | None:
-    return Plan.load(work.path / PLAN_FILE) if (work.path / PLAN_FILE).is_file() else None
-
-
-def _accepted(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls).parameters)
-
-
-def _sha256(windows: torch.Tensor | None) -> str | None:
-    if windows is None:
-        return None
-    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()

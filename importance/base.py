@@ -33,7 +33,15 @@ class LayerScorer:
     # model streamed from disk (layerwise.streaming). False for scorers that run whole-model forwards or
     # backward passes in `prepare`, or read other layers' weights in `score_layer`.
     layer_local: ClassVar[bool] = True
+    provides: ClassVar[frozenset[str]] = frozenset({"scores"})
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
+
+    @classmethod
+    def parameters(cls) -> set[str]:
+        """The keyword arguments the scorer's constructor takes."""
+        import inspect
+
+        return set(inspect.signature(cls).parameters)
 
     def windows_needed(self) -> int | None:
         """How many of the calibration windows this scorer reads (None: all of them).

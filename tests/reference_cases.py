@@ -79,7 +79,11 @@ def main() -> None:
     text = json.dumps({"torch_threads": 2, "cases": digests}, indent=1, sort_keys=True) + "\n"
     if "--write" in sys.argv:
         REFERENCE_FILE.write_text(text)
-    print(text)
+    reference = json.loads(REFERENCE_FILE.read_text())["cases"]
+    differ = {name: [k for k in digest if reference.get(name, {}).get(k) != digest[k]]
+              for name, digest in digests.items()}
+    differ = {name: keys for name, keys in differ.items() if keys}
+    print(text + ("\nsame as the reference" if not differ else f"\nDIFFERENT from the reference: {differ}"))
 
 
 if __name__ == "__main__":
