@@ -145,7 +145,7 @@ def test_nan_and_inf_input_weights_are_refused_before_any_work(eval_flag, model_
         raise AssertionError("the slow steps ran before the weights were checked")
 
     monkeypatch.setattr("layerwise.cli._perplexity", no_slow_work)
-    monkeypatch.setattr("layerwise.api.calibration_windows", no_slow_work)
+    monkeypatch.setattr("layerwise.pipeline.calibration_windows", no_slow_work)
     code, _, err = run("compress", model_dir, *eval_flag, "--method", "rtn", "--scorer", "lim", "--bits", "3",
                        "--out", out_parent / "ckpt", capsys=capsys)
     assert code == 2 and one_line(err)
@@ -158,7 +158,7 @@ def test_nan_weights_refused_by_the_api(monkeypatch):
     model = tiny_model("qwen2", n_layers=2)
     with torch.no_grad():
         model.model.embed_tokens.weight[4, 4] = float("-inf")
-    monkeypatch.setattr("layerwise.api.calibration_windows", lambda *a, **k: pytest.fail("calibrated first"))
+    monkeypatch.setattr("layerwise.pipeline.calibration_windows", lambda *a, **k: pytest.fail("calibrated first"))
     with pytest.raises(LayerwiseError, match=r"embed_tokens.weight \(0 NaN, 1 Inf\).*repair or re-export"):
         layerwise.compress(model, 3.0, scorer="lim", method="rtn", calib="pydoc", progress=False)
 
