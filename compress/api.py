@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.loading import load_model, model_name
 from layerwise.models import check_causal_lm, check_finite_weights, decoder_layers, layer_linear_shapes
-from layerwise.planners import PLANNERS, uniform_plan
+from layerwise.planners import PLANNERS, check_planner_accepts, planner_config, uniform_plan
 from layerwise.quant import QUANTIZERS
 from layerwise.report import Report, build_report
 from layerwise.streaming import RunArgs
@@ -109,34 +109,31 @@ def make_plan(
     bits: float | None = 3.25,
     *,
     planner: str | None = None,
-    high: int = 4,
-    low: int = 2,
-    group_size: int = 128,
-    sym: bool = False,
+    high: int | None = None,
+    low: int | None = None,
+    group_size: int | None = None,
+    sym: bool | None = None,
     method: str | None = None,
-    order: str = "importance",
-    seed: int = 0,
+    order: str | None = None,
+    seed: int | None = None,
     n_low: int | None = None,
     options: str | list[str] | None = None,
 ) -> Plan:
     """Turn scores and a budget (average bits per decoder weight, overhead included) into a plan.
 
-    `lwq` reads `high`, `low`, `group_size`, `sym`, `order`, `seed`, `n_low`; `optimal` reads `options`
-    (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the scores measured). `planner` defaults
-    to `optimal` when the scores carry measured damage per option, else `lwq`.
+    `lwq` takes `high`, `low`, `group_size`, `sym`, `method`, `order`, `seed`, `n_low` (defaults: its
+    `LwqConfig`); `optimal` takes `options` (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the
+    scores measured) and `method` (the method of options that name none). None means "not given": the
+    planner's default applies, and an argument given to a planner that does not take it is refused.
+    `planner` defaults to `optimal` when the scores carry measured damage per option, else `lwq`.
     """
-    planner = planner or default_planner(bool(scores.option_damage))
-    plan_fn = PLANNERS.get(planner)
+    planner_cls = PLANNERS.get(planner or default_planner(bool(scores.option_damage)))
     if method is not None:
         QUANTIZERS.get(method)
-    parsed = None if options is None else tuple(parse_options(options, default_method=method or "rtn"))
     values = dict(bits=bits, high=high, low=low, group_size=group_size, sym=sym, method=method, order=order,
-                  seed=seed, n_low=n_low, options=parsed)
-    config_class = plan_fn.config_class  # type: ignore[attr-defined]
-    accepted = {f.name for f in fields(config_class)}
-    if bits is None and "n_low" not in accepted:
-        raise LayerwiseError(f"planner {planner!r} needs a budget: give --bits")
-    return plan_fn(scores, config_class(**{k: v for k, v in values.items() if k in accepted}))
+                  seed=seed, n_low=n_low, options=options)
+    config = planner_config(planner_cls, **{k: v for k, v in values.items() if v is not None})
+    return planner_cls().plan(scores, config)
 
 
 def apply(
@@ -261,20 +258,16 @@ def compress(
     structure = StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode)
     # Validate every name, then the budget against the model's shapes, before the slow steps run.
     scorer_cls = SCORERS.get(scorer)
-    planner = planner or default_planner(scorer_cls.provides_option_damage)
-    plan_fn = PLANNERS.get(planner)
+    planner = planner or default_planner("option_damage" in scorer_cls.provides)
+    planner_cls = PLANNERS.get(planner)
     QUANTIZERS.get(method)
     quantizing = uniform is not None or bits is not None or n_low is not None
     if not quantizing and structure.empty:
         raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, or a structural change (prune, "
                              "drop_attn, drop_mlp, tie)")
-    plan_needs_options = "options" in {f.name for f in fields(plan_fn.config_class)}  # type: ignore[attr-defined]
-    if quantizing and uniform is None and plan_needs_options and not scorer_cls.provides_option_damage:
-        measuring = [n for n in SCORERS.names() if SCORERS.get(n).provides_option_damage]
-        raise LayerwiseError(
-            f"planner {planner!r} needs measured damage per option; scorer {scorer!r} gives none "
-            f"(use --scorer {' or '.join(measuring)})"
-        )
+    plan_needs_options = "option_damage" in planner_cls.requires
+    if quantizing and uniform is None:
+        check_planner_accepts(planner_cls, scorer_cls)
     structural_scorers = structure.scorers(prune_scorer)
     for name in set(structural_scorers.values()):
         SCORERS.get(name)
@@ -282,6 +275,7 @@ def compress(
         options = DEFAULT_OPTIONS
     plan_options: dict[str, Any] = dict(planner=planner, high=high, low=low, group_size=group_size, sym=sym,
                                         method=method, order=order, seed=seed, n_low=n_low, options=options)
+    plan_options = {k: v for k, v in plan_options.items() if k == "planner" or k in planner_cls.arguments()}
     if _streams(model_or_path, out, stream, resume, scorer, structure, quantizing, uniform, structural_scorers):
         return _compress_streaming(model_or_path, out, overwrite, resume, progress, calib, calib_windows, calib_len,
                                    RunArgs(bits=bits, scorer=scorer, planner=planner, method=method,
@@ -327,7 +321,7 @@ def compress(
             scores.calibration = calib_summary
         free_shapes = _free_shapes(model, compacted)
         if bits is not None and structure_plan.structural:
-            bits = _free_budget(bits, shapes, free_shapes, plan_fn, high, group_size, sym)
+            bits = _free_budget(bits, shapes, free_shapes, planner_cls, high, group_size, sym)
         sub_plan = make_plan(scores.subset(_free_layers(compacted), free_shapes), bits, **plan_options)
         quantized = _fill(compacted, sub_plan)
     plan = structure_plan.expand(quantized)
@@ -417,7 +411,7 @@ def _plan_structure(
     return Plan(actions, made_by={"structure": asdict(structure), "structure_scorers": scorers})
 
 
-def _free_budget(bits: float, shapes: list[LinearShapes], free_shapes: list[LinearShapes], plan_fn: Any,
+def _free_budget(bits: float, shapes: list[LinearShapes], free_shapes: list[LinearShapes], planner_cls: Any,
                  high: int, group_size: int, sym: bool) -> float:
     """`bits` over the original weights as average bits over the weights left to quantize.
 
@@ -425,7 +419,7 @@ def _free_budget(bits: float, shapes: list[LinearShapes], free_shapes: list[Line
     than every layer at its high width costs, so the budget is capped there.
     """
     free_bits = bits * sum(map(n_weights, shapes)) / sum(map(n_weights, free_shapes))
-    if "high" in {f.name for f in fields(plan_fn.config_class)}:
+    if "high" in planner_cls.arguments():
         free_bits = min(free_bits, uniform_plan(free_shapes, high, group_size, sym=sym).avg_bits)
     return free_bits
 
