@@ -105,8 +105,8 @@ def _action_specs(action) -> list[QuantSpec]:
 
 
 def method_needs_hessian(method: str) -> bool:
-    """Whether quantizer `method` reads calibration activations (its `needs_hessian` capability flag)."""
-    return bool(getattr(QUANTIZERS.get(method), "needs_hessian", False))
+    """Whether quantizer `method` reads calibration activations (its class's `needs_hessian`)."""
+    return QUANTIZERS.get(method).needs_hessian
 
 
 def needs_hessian(spec: QuantSpec | None) -> bool:

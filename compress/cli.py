@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.errors import LayerwiseError
 from layerwise.export import EXPORT_FORMATS
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
+from layerwise.planners import ORDERS, LwqConfig
 from layerwise.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
 
 EXIT_USAGE = 2
@@ -36,7 +38,18 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_LEN})")
 
 
+# Planner settings whose flags default to None ("not given"), so that only what the user set is passed on
+# (a planner refuses settings it does not take); the defaults shown in the help are lwq's (LwqConfig).
+PLANNER_FLAGS = ("high", "low", "group_size", "sym", "order", "seed")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The flags among `names` the user set (left unset, they are None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    default = {f.name: f.default for f in fields(LwqConfig)}
     p.add_argument("--bits", type=float, default=None,
                    help="average bits per decoder weight incl. scale/zero overhead (compress default: 3.25)")
     p.add_argument("--n-low", type=int, default=None,
@@ -44,13 +57,17 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner", default=None,
                    help=f"planner: {_names('planner')} (default: optimal if the scorer measured damage per "
                         "option, e.g. sensitivity; else lwq)")
-    p.add_argument("--high", type=int, default=4, help="bit width of the important layers (default 4)")
-    p.add_argument("--low", type=int, default=2, help="bit width of the other layers (default 2)")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero group (default 128)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization (no stored zero)")
-    p.add_argument("--order", default="importance", choices=["importance", "reverse", "random"],
-                   help="which layers get the high width: most important (default), least, or random")
-    p.add_argument("--seed", type=int, default=0, help="seed for --order random")
+    p.add_argument("--high", type=int, default=None,
+                   help=f"bit width of the important layers (default {default['high']})")
+    p.add_argument("--low", type=int, default=None, help=f"bit width of the other layers (default {default['low']})")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"input columns per scale/zero group (default {default['group_size']})")
+    p.add_argument("--sym", action="store_true", default=None,
+                   help="symmetric quantization (no stored zero; default asymmetric)")
+    p.add_argument("--order", default=None, choices=list(ORDERS),
+                   help=f"which layers get the high width: most important (default {default['order']}), least "
+                        "(reverse), or random")
+    p.add_argument("--seed", type=int, default=None, help=f"seed for --order random (default {default['seed']})")
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
@@ -247,6 +264,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         _check_json_out(args.out, args.overwrite)
         scores = LayerScores.load(args.scores)
+        # Unset flags are None, which make_plan takes as "not given": only what the user set is passed on.
         plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
                              group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
                              seed=args.seed, n_low=args.n_low, options=args.options)
@@ -287,8 +305,7 @@ def run(args: argparse.Namespace) -> None:
             check_finite_weights(model, args.model)  # before the perplexity (api.compress checks only after it)
             ppl_before = _perplexity(model, tokenizer, progress, "before")
         result = api.compress(model, bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
-                              group_size=args.group_size, high=args.high, low=args.low, sym=args.sym,
-                              order=args.order, seed=args.seed, n_low=args.n_low, options=args.options,
+                              **_given(args, PLANNER_FLAGS), n_low=args.n_low, options=args.options,
                               uniform=args.uniform, prune=args.prune, prune_block=args.prune_block,
                               prune_scorer=prune_scorer, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp,
                               tie=args.tie, tie_mode=args.tie_mode, tokenizer=tokenizer,

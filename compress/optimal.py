@@ -17,17 +17,26 @@ Layer-wise Calibration and Integer Programming" (Hubara et al., 2021).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from layerwise.budget import layer_bits, n_weights
 from layerwise.errors import LayerwiseError
-from layerwise.planners import PLANNERS
+from layerwise.planner_base import PLANNERS, Planner
 from layerwise.types import LayerAction, LayerScores, Plan, QuantSpec
 
 
 @dataclass(frozen=True)
 class OptimalConfig:
-    bits: float
+    """A budget in average bits (required) and the options to choose from."""
+
+    bits: float | None = None
     options: tuple[QuantSpec, ...] | None = None  # None: every option the scores measured
+
+    def __post_init__(self) -> None:
+        if self.bits is None:
+            raise LayerwiseError("planner 'optimal' needs a budget: give --bits")
+        if self.options is not None and not all(isinstance(o, QuantSpec) for o in self.options):
+            raise LayerwiseError("the optimal planner's options must be QuantSpecs (parse them with parse_options)")
 
 
 def _option_cost(shapes, spec: QuantSpec, layer: int) -> int:
@@ -71,56 +80,61 @@ def solve(costs: list[list[int]], damages: list[list[float]], budget: int) -> tu
 
 
 @PLANNERS.register("optimal")
-def plan_optimal(scores: LayerScores, config: OptimalConfig) -> Plan:
-    if not scores.option_damage:
-        raise LayerwiseError(
-            f"the optimal planner needs measured damage per option, which scorer {scores.scorer!r} does not "
-            "provide; score with --scorer sensitivity"
-        )
-    measured = {label: QuantSpec.parse_option(label) for label in scores.option_damage}
-    options = list(config.options) if config.options else list(measured.values())
-    missing = [o.option() for o in options if o.option() not in scores.option_damage]
-    if missing:
-        raise LayerwiseError(
-            f"options {', '.join(missing)} were not measured by the scorer (measured: "
-            f"{', '.join(scores.option_damage)}); score again with --options including them"
-        )
-    shapes = scores.linear_shapes
-    total_weights = sum(n_weights(s) for s in shapes)
-    costs = [[_option_cost(shapes[i], o, i) for o in options] for i in range(scores.n_layers)]
-    damages = [[scores.option_damage[o.option()][i] for o in options] for i in range(scores.n_layers)]
-    budget = int(config.bits * total_weights)
-    cheapest = sum(min(c) for c in costs) / total_weights
-    richest = sum(max(c) for c in costs) / total_weights
-    labels = ", ".join(o.option() for o in options)
-    if budget < sum(min(c) for c in costs):
-        raise LayerwiseError(
-            f"budget {config.bits} bits is below the cheapest option: every layer at its cheapest of "
-            f"{labels} costs {cheapest:.4f} bits per weight; raise --bits or add a cheaper option"
-        )
-    if config.bits > richest + 1e-9:
-        raise LayerwiseError(
-            f"budget {config.bits} bits is above the richest option: every layer at its richest of {labels} "
-            f"costs {richest:.4f} bits per weight; lower --bits or add a richer option (e.g. 8:128)"
-        )
-    choice, damage, cost = solve(costs, damages, budget)
-    actions = [
-        LayerAction(i, "quantize", options[o].bits, options[o].group_size, options[o].method, options[o].sym)
-        for i, o in enumerate(choice)
-    ]
-    return Plan(
-        layers=actions,
-        target_bits=config.bits,
-        avg_bits=cost / total_weights,
-        made_by={
-            "planner": "optimal",
-            "scorer": scores.scorer,
-            "model": scores.model,
-            "bits": config.bits,
-            "options": [o.option() for o in options],
-            "predicted_damage": damage,
-        },
-    )
+class OptimalPlanner(Planner):
+    """The least summed measured damage under the budget, one option per layer (`solve`)."""
 
+    name: ClassVar[str] = "optimal"
+    Config: ClassVar[type[OptimalConfig]] = OptimalConfig
+    requires: ClassVar[frozenset[str]] = frozenset({"option_damage"})
 
-plan_optimal.config_class = OptimalConfig  # type: ignore[attr-defined]
+    def plan(self, scores: LayerScores, config: OptimalConfig) -> Plan:
+        assert config.bits is not None  # OptimalConfig refuses a missing budget
+        if not scores.option_damage:
+            raise LayerwiseError(
+                f"the optimal planner needs measured damage per option, which scorer {scores.scorer!r} does not "
+                "provide; score with --scorer sensitivity"
+            )
+        measured = {label: QuantSpec.parse_option(label) for label in scores.option_damage}
+        options = list(config.options) if config.options else list(measured.values())
+        missing = [o.option() for o in options if o.option() not in scores.option_damage]
+        if missing:
+            raise LayerwiseError(
+                f"options {', '.join(missing)} were not measured by the scorer (measured: "
+                f"{', '.join(scores.option_damage)}); score again with --options including them"
+            )
+        shapes = scores.linear_shapes
+        total_weights = sum(n_weights(s) for s in shapes)
+        costs = [[_option_cost(shapes[i], o, i) for o in options] for i in range(scores.n_layers)]
+        damages = [[scores.option_damage[o.option()][i] for o in options] for i in range(scores.n_layers)]
+        budget = int(config.bits * total_weights)
+        cheapest = sum(min(c) for c in costs) / total_weights
+        richest = sum(max(c) for c in costs) / total_weights
+        labels = ", ".join(o.option() for o in options)
+        if budget < sum(min(c) for c in costs):
+            raise LayerwiseError(
+                f"budget {config.bits} bits is below the cheapest option: every layer at its cheapest of "
+                f"{labels} costs {cheapest:.4f} bits per weight; raise --bits or add a cheaper option"
+            )
+        if config.bits > richest + 1e-9:
+            raise LayerwiseError(
+                f"budget {config.bits} bits is above the richest option: every layer at its richest of {labels} "
+                f"costs {richest:.4f} bits per weight; lower --bits or add a richer option (e.g. 8:128)"
+            )
+        choice, damage, cost = solve(costs, damages, budget)
+        actions = [
+            LayerAction(i, "quantize", options[o].bits, options[o].group_size, options[o].method, options[o].sym)
+            for i, o in enumerate(choice)
+        ]
+        return Plan(
+            layers=actions,
+            target_bits=config.bits,
+            avg_bits=cost / total_weights,
+            made_by={
+                "planner": "optimal",
+                "scorer": scores.scorer,
+                "model": scores.model,
+                "bits": config.bits,
+                "options": [o.option() for o in options],
+                "predicted_damage": damage,
+            },
+        )

@@ -33,7 +33,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.models import decoder_layers, layer_linear_shapes, layers_path
-from layerwise.planners import PLANNERS, make_plan, planner_requirements, uniform_plan
+from layerwise.planners import PLANNERS, check_planner_accepts, make_plan, uniform_plan
 from layerwise.progress import PhaseClock
 from layerwise.quant import QUANTIZERS
 from layerwise.recipe import Recipe
@@ -85,20 +85,16 @@ def resolve(recipe: Recipe) -> Recipe:
         return recipe
     scorer_cls = SCORERS.get(recipe.scorer)
     planner = recipe.planner or ("optimal" if "option_damage" in scorer_cls.provides else "lwq")
-    PLANNERS.get(planner)
     for name in set(recipe.structure.scorers(recipe.prune_scorer).values()):
         SCORERS.get(name)
     if not recipe.quantizing and recipe.structure.empty:
         raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, or a structural change (prune, "
                              "drop_attn, drop_mlp, tie)")
+    planner_cls = PLANNERS.get(planner)
     if recipe.scoring:
-        missing = planner_requirements(planner) - scorer_cls.provides
-        if missing:
-            measuring = [n for n in SCORERS.names() if missing <= SCORERS.get(n).provides]
-            raise LayerwiseError(f"planner {planner!r} needs {', '.join(sorted(missing))} from its scores; scorer "
-                                 f"{recipe.scorer!r} gives none (use --scorer {' or '.join(measuring)})")
+        check_planner_accepts(planner_cls, scorer_cls)
     resolved = replace(recipe, planner=planner)
-    if "options" in planner_requirements(planner, fields=True) and recipe.arg("options") is None:
+    if "options" in planner_cls.arguments() and recipe.arg("options") is None:
         resolved = resolved.with_args(options=DEFAULT_OPTIONS)
     return resolved
 
@@ -303,7 +299,7 @@ def _free_budget(recipe: Recipe, bits: float, shapes: list[LinearShapes], free_s
     than every layer at its high width costs, so the budget is capped there.
     """
     free_bits = bits * sum(map(n_weights, shapes)) / sum(map(n_weights, free_shapes))
-    if "high" in planner_requirements(recipe.planner, fields=True):
+    if "high" in PLANNERS.get(recipe.planner).arguments():
         high = recipe.arg("high", 4)
         free_bits = min(free_bits, uniform_plan(free_shapes, high, recipe.group_size,
                                                 sym=bool(recipe.arg("sym", False))).avg_bits)

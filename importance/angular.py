@@ -47,6 +47,7 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 class AngularScorer(LayerScorer):
     name: ClassVar[str] = "angular"
     needs_activations: ClassVar[bool] = True
+    provides: ClassVar[frozenset[str]] = frozenset({"scores", "block_distance"})
 
     def __init__(self, stride: int = DEFAULT_STRIDE) -> None:
         if stride < 1:

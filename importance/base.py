@@ -14,6 +14,10 @@ from layerwise.models import layer_linear_shapes
 from layerwise.registry import Registry
 from layerwise.types import LayerScores
 
+# The optional outputs a scorer may provide beyond "scores": each a `LayerScorer` method and a
+# `LayerScores` field of the same name.
+SCORE_OUTPUTS = ("module_scores", "option_damage", "block_distance", "tie_damage")
+
 
 class LayerScorer:
     """Scores decoder layers one at a time; higher always means more important.
@@ -23,17 +27,19 @@ class LayerScorer:
     calibration windows; a weight-only scorer gets `outputs=None` and no calibration pass is run.
     A scorer that reads the calibration windows only through whole-model forwards in `prepare` sets
     `needs_stream = False`: when no scorer of a pass needs it, the layer stream is not run.
+    `provides` names what the scorer fills in its `LayerScores` (each an optional method below, plus
+    the per-layer `scores` every scorer gives); planners declare what they need of it (`Planner.requires`).
     """
 
     name: ClassVar[str]
     needs_activations: ClassVar[bool] = True  # reads the calibration windows
     needs_stream: ClassVar[bool] = True  # ...through the layer stream (step inputs and outputs)
-    provides_option_damage: ClassVar[bool] = False  # fills `option_damage` (what the optimal planner reads)
+    # What the scorer's `LayerScores` carries: "scores" always, plus each of `SCORE_OUTPUTS` it fills.
+    provides: ClassVar[frozenset[str]] = frozenset({"scores"})
     # Reads one decoder layer's weights at a time and nothing from the whole model, so it can score a
     # model streamed from disk (layerwise.streaming). False for scorers that run whole-model forwards or
     # backward passes in `prepare`, or read other layers' weights in `score_layer`.
     layer_local: ClassVar[bool] = True
-    provides: ClassVar[frozenset[str]] = frozenset({"scores"})
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
 
     @classmethod
@@ -109,42 +115,63 @@ def score_model(
     scorer_options = scorer_options or {}
     instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
     readers = [s for s in instances if s.needs_activations]
-    needs_activations = bool(readers)
-    streaming = any(s.needs_stream for s in readers)
-    if needs_activations and windows is None:
-        raise ValueError(f"scorers {scorers} need calibration windows")
-    if weights is not None:
-        whole = [s.name for s in instances if not s.layer_local]
-        if whole:
-            raise ValueError(f"scorers {whole} need the whole model in memory; they cannot score a streamed model")
-    values: dict[str, list[float]] = {s.name: [] for s in instances}
+    _check_inputs(scorers, instances, windows, weights)
     start = time.perf_counter()
     if windows is not None:
         windows = _windows_for(readers, windows)
     for scorer in instances:
         scorer.progress = progress
         scorer.prepare(model, windows, batch_size)
-    if streaming:
+    values = _score_layers(model, scorers, instances, windows, batch_size, progress, weights)
+    seconds = time.perf_counter() - start
+    calib = dict(calibration or {}) if readers else {}
+    if calib and windows is not None:  # what was read, after trimming to the scorers' needs
+        calib.update(windows=int(windows.shape[0]), tokens=int(windows.numel()))
+    return _layer_scores(model, instances, values, model_name, calib, seconds)
+
+
+def _check_inputs(scorers: list[str], instances: list[LayerScorer], windows: torch.Tensor | None,
+                  weights: LayerWeights | None) -> None:
+    """Refuse a pass its scorers cannot run: no windows for one that reads them, a streamed model for one
+    that needs the whole model."""
+    if any(s.needs_activations for s in instances) and windows is None:
+        raise ValueError(f"scorers {scorers} need calibration windows")
+    if weights is not None:
+        whole = [s.name for s in instances if not s.layer_local]
+        if whole:
+            raise ValueError(f"scorers {whole} need the whole model in memory; they cannot score a streamed model")
+
+
+def _score_layers(model: nn.Module, scorers: list[str], instances: list[LayerScorer], windows: torch.Tensor | None,
+                  batch_size: int, progress: bool, weights: LayerWeights | None) -> dict[str, list[float]]:
+    """One pass over the decoder layers, each scorer scoring each layer; every scorer's finished scores.
+
+    The layer stream (each layer run on its inputs) runs only when some scorer reads it (`needs_stream`),
+    on the windows those scorers read; otherwise the layers are visited without running them.
+    """
+    streamers = [s for s in instances if s.needs_activations and s.needs_stream]
+    if streamers:
         assert windows is not None
-        steps = stream_layers(model, _windows_for([s for s in readers if s.needs_stream], windows),
-                              batch_size=batch_size, progress=progress, desc=f"scoring ({', '.join(scorers)})",
-                              weights=weights)
+        steps = stream_layers(model, _windows_for(streamers, windows), batch_size=batch_size, progress=progress,
+                              desc=f"scoring ({', '.join(scorers)})", weights=weights)
     else:
         steps = each_layer(model, progress=progress, desc="scoring", weights=weights)
+    values: dict[str, list[float]] = {s.name: [] for s in instances}
     for step in steps:
         with ExitStack() as observing:
             for scorer in instances:
                 observing.enter_context(scorer.observe(step))
-            outputs = step.run() if streaming else None
+            outputs = step.run() if streamers else None
         step.outputs = outputs
         for scorer in instances:
             values[scorer.name].append(float(scorer.score_layer(step, outputs)))
-    values = {s.name: [float(v) for v in s.finish(values[s.name])] for s in instances}
-    seconds = time.perf_counter() - start
+    return {s.name: [float(v) for v in s.finish(values[s.name])] for s in instances}
+
+
+def _layer_scores(model: nn.Module, instances: list[LayerScorer], values: dict[str, list[float]], model_name: str,
+                  calib: dict[str, Any], seconds: float) -> dict[str, LayerScores]:
+    """Each scorer's `LayerScores`: its scores and whatever else it gathered (see `LayerScorer.provides`)."""
     shapes = layer_linear_shapes(model)
-    calib = dict(calibration or {}) if needs_activations else {}
-    if calib and windows is not None:  # what was read, after trimming to the scorers' needs
-        calib.update(windows=int(windows.shape[0]), tokens=int(windows.numel()))
     return {
         s.name: LayerScores(
             scorer=s.name,
@@ -152,11 +179,8 @@ def score_model(
             linear_shapes=shapes,
             model=model_name,
             calibration=calib if s.needs_activations else {},
-            module_scores=s.module_scores(),
-            option_damage=s.option_damage(),
-            block_distance=s.block_distance(),
-            tie_damage=s.tie_damage(),
             seconds=seconds,
+            **{output: getattr(s, output)() for output in SCORE_OUTPUTS},
         )
         for s in instances
     }

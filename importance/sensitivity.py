@@ -59,7 +59,6 @@ _UNCHUNKED_LOGIT_SCALING = ("logit_scale", "logits_scaling")
 class SensitivityScorer(LayerScorer):
     name: ClassVar[str] = "sensitivity"
     needs_activations: ClassVar[bool] = True
-    provides_option_damage: ClassVar[bool] = True
     provides: ClassVar[frozenset[str]] = frozenset({"scores", "option_damage"})
     layer_local: ClassVar[bool] = False  # one whole-model backward pass (Fisher)
 

@@ -41,6 +41,7 @@ def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 class SublayerScorer(LayerScorer):
     name: ClassVar[str] = "sublayer"
     needs_activations: ClassVar[bool] = True
+    provides: ClassVar[frozenset[str]] = frozenset({"scores", "module_scores"})
 
     def __init__(self) -> None:
         self._seen: dict[str, list[torch.Tensor]] = {}

@@ -61,6 +61,7 @@ def relative_error(tied: torch.Tensor, own: torch.Tensor, inputs: torch.Tensor) 
 class TieScorer(LayerScorer):
     name: ClassVar[str] = "tie"
     needs_activations: ClassVar[bool] = True
+    provides: ClassVar[frozenset[str]] = frozenset({"scores", "tie_damage"})
     layer_local: ClassVar[bool] = False  # runs layer j with earlier layers' weights
 
     def __init__(self, max_offset: int = DEFAULT_MAX_OFFSET, windows: int = DEFAULT_WINDOWS) -> None:

@@ -1,27 +1,35 @@
 """Quantization: packed formats, quantizers (registered in `QUANTIZERS`), and the `QuantLinear` module.
 
 Importing this package registers every built-in quantizer; a new method is one module with a
-``@QUANTIZERS.register(name)`` function plus one import line below.
+``@QUANTIZERS.register(name)`` `Quantizer` subclass plus one import line below.
 """
 
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
 from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error, squared_norm
-from layerwise.quant.gptq import HessianFactor, min_calibration_tokens, quantize_gptq, quantize_gptq_shared
+from layerwise.quant.gptq import (
+    GptqQuantizer,
+    HessianFactor,
+    min_calibration_tokens,
+    quantize_gptq,
+    quantize_gptq_shared,
+)
 from layerwise.quant.hessian import HessianAccumulator, SharedInputHessians
 from layerwise.quant.packing import PackFormat, pack, unpack
 from layerwise.quant.qlinear import QuantLinear, dense_weights
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
-from layerwise.quant.rtn import group_params, quantize_codes, quantize_rtn
+from layerwise.quant.rtn import RtnQuantizer, group_params, quantize_codes, quantize_rtn
 
 __all__ = [
     "QUANTIZERS",
+    "GptqQuantizer",
     "HessianAccumulator",
     "HessianFactor",
     "PackFormat",
     "QuantLinear",
     "QuantizedWeight",
     "Quantizer",
+    "RtnQuantizer",
     "SharedInputHessians",
     "dense_weights",
     "group_params",

@@ -43,13 +43,13 @@ def quantize_module(module: nn.Module, spec: QuantSpec, hessian: torch.Tensor | 
     bias, if any, is copied unquantized in its original dtype.
     """
     weight = _check_linear(module)
-    return _wrap(module, weight, QUANTIZERS.get(spec.method)(weight, spec, hessian), spec.method)
+    return _wrap(module, weight, QUANTIZERS.get(spec.method)().quantize(weight, spec, hessian), spec.method)
 
 
 def quantize_modules(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | None]]) -> list[QuantLinear]:
     """`quantize_module` for each (module, spec, hessian) job, sharing work between jobs where it can.
 
-    Jobs whose method can quantize several weights in one pass (its quantizer's `shared` capability, GPTQ)
+    Jobs whose method can quantize several weights in one pass (its quantizer's `shares_hessian`, GPTQ)
     and that use the same Hessian object run together: on a llama layer that is one
     sweep for q/k/v and one for gate/up, and in the sensitivity scorer one sweep for all candidate
     options of those modules.
@@ -57,15 +57,14 @@ def quantize_modules(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | None]
     results: list[QuantLinear | None] = [None] * len(jobs)
     batches: dict[tuple[str, int], list[int]] = {}
     for index, (module, spec, hessian) in enumerate(jobs):
-        shared = getattr(QUANTIZERS.get(spec.method), "shared", None)
-        if shared is None or hessian is None:
+        if not QUANTIZERS.get(spec.method).shares_hessian or hessian is None:
             results[index] = quantize_module(module, spec, hessian)
         else:
             batches.setdefault((spec.method, id(hessian)), []).append(index)
     for (method, _), indices in batches.items():
         weights = [_check_linear(jobs[i][0]) for i in indices]
         hessian = jobs[indices[0]][2]
-        quantized = QUANTIZERS.get(method).shared(weights, [jobs[i][1] for i in indices], hessian)
+        quantized = QUANTIZERS.get(method)().quantize_shared(weights, [jobs[i][1] for i in indices], hessian)
         for i, weight, qw in zip(indices, weights, quantized, strict=True):
             results[i] = _wrap(jobs[i][0], weight, qw, method)
     assert all(r is not None for r in results)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from layerwise.errors import LayerwiseError
 from layerwise.quant.codecs import CODECS, BufferLayout, Codec, Packed
 from layerwise.quant.quantized import QuantizedWeight, check_weight
-from layerwise.quant.registry import QUANTIZERS
+from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.types import QuantSpec
 
 NF4_FORMAT = "bnb-nf4"
@@ -81,7 +82,6 @@ def _check_method(spec: QuantSpec, method: str) -> None:
         raise LayerwiseError(f"the {method} quantizer was given a spec for method {spec.method!r}")
 
 
-@QUANTIZERS.register("nf4")
 def quantize_nf4(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """NF4 codes and block absmax exactly as ``bitsandbytes.functional.quantize_4bit`` makes them."""
     del hessian  # absmax rounding reads no calibration data; the argument keeps the common signature
@@ -102,10 +102,7 @@ def quantize_nf4(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     )
 
 
-quantize_nf4.needs_hessian = False
 
-
-@QUANTIZERS.register("int8")
 def quantize_int8(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """Row-wise absmax int8 codes exactly as bitsandbytes' ``Int8Params`` makes them (from the fp16 weight).
 
@@ -129,7 +126,31 @@ def quantize_int8(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor |
     )
 
 
-quantize_int8.needs_hessian = False
+
+@QUANTIZERS.register("nf4")
+class Nf4Quantizer(Quantizer):
+    """bitsandbytes NF4 (`quantize_nf4`): no calibration data, bitsandbytes' packed 4-bit format."""
+
+    name: ClassVar[str] = "nf4"
+    needs_hessian: ClassVar[bool] = False
+    storage: ClassVar[str] = NF4_FORMAT
+    shares_hessian: ClassVar[bool] = False
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        return quantize_nf4(weight, spec, hessian)
+
+
+@QUANTIZERS.register("int8")
+class Int8Quantizer(Quantizer):
+    """bitsandbytes row-wise int8 (`quantize_int8`): no calibration data, ``Int8Params``' format."""
+
+    name: ClassVar[str] = "int8"
+    needs_hessian: ClassVar[bool] = False
+    storage: ClassVar[str] = INT8_FORMAT
+    shares_hessian: ClassVar[bool] = False
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        return quantize_int8(weight, spec, hessian)
 
 
 class Nf4Codec(Codec):

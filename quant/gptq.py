@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from layerwise.errors import LayerwiseError
-from layerwise.quant.packing import pack, row_chunks
+from layerwise.quant.packing import PackFormat, pack, row_chunks
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
-from layerwise.quant.registry import QUANTIZERS
+from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import group_params
 from layerwise.types import QuantSpec
 
@@ -372,7 +373,6 @@ def quantize_gptq_shared(
     ]
 
 
-@QUANTIZERS.register("gptq")
 def quantize_gptq(
     weight: torch.Tensor,
     spec: QuantSpec,
@@ -400,5 +400,25 @@ def _unpermuted(codes: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return out
 
 
-quantize_gptq.needs_hessian = True  # read by the driver: collect calibration Hessians for this method
-quantize_gptq.shared = quantize_gptq_shared  # read by quantize_modules: one sweep per shared Hessian
+
+@QUANTIZERS.register("gptq")
+class GptqQuantizer(Quantizer):
+    """GPTQ with the default damping, block size and act-order (`quantize_gptq`, `quantize_gptq_shared`).
+
+    Needs the inputs' Hessian (the driver collects it); weights reading the same input (q/k/v, gate/up,
+    or several candidate options of one module) are quantized in one column sweep. Stores the same
+    bitstream format as RTN.
+    """
+
+    name: ClassVar[str] = "gptq"
+    needs_hessian: ClassVar[bool] = True
+    storage: ClassVar[str] = PackFormat.BITSTREAM.value
+    shares_hessian: ClassVar[bool] = True
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        return quantize_gptq(weight, spec, hessian)
+
+    def quantize_shared(
+        self, weights: list[torch.Tensor], specs: list[QuantSpec], hessian: torch.Tensor | None
+    ) -> list[QuantizedWeight]:
+        return quantize_gptq_shared(weights, specs, hessian)

@@ -1,8 +1,16 @@
-"""The quantizer registry: ``spec.method`` -> the function that quantizes one weight matrix."""
+"""The quantizer registry: ``spec.method`` -> the `Quantizer` class that quantizes one weight matrix.
+
+A quantizer declares what the pipeline needs to know about it as class attributes, read without
+running it: whether it needs calibration Hessians (`needs_hessian`, so the driver collects them),
+which storage format its result has (`storage`, the codec's format name), and whether it can quantize
+several weights that read one input in one pass (`shares_hessian`, so `quantize_modules` batches them).
+The maths stays in free functions (`quantize_rtn`, `quantize_gptq`, ...); the classes wrap them.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
@@ -11,16 +19,28 @@ from layerwise.registry import Registry
 from layerwise.types import QuantSpec
 
 
-class Quantizer(Protocol):
-    """Every quantization method has this signature.
+class Quantizer(ABC):
+    """One quantization method.
 
     `weight` is (out_features, in_features) float; `hessian` is the (in_features, in_features) input
-    second-moment matrix for methods that use calibration data (GPTQ) and is ignored by those that do not.
+    second-moment matrix for methods that use calibration data (`needs_hessian`, GPTQ) and is ignored
+    by those that do not.
     """
 
-    def __call__(
-        self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
-    ) -> QuantizedWeight: ...
+    name: ClassVar[str]
+    needs_hessian: ClassVar[bool] = False  # reads calibration Hessians: the driver collects them first
+    storage: ClassVar[str]  # format of the stored result (`QuantizedWeight.format`, a codec's `format`)
+    shares_hessian: ClassVar[bool] = False  # `quantize_shared` does several weights with one Hessian in one pass
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        """Quantize one (out_features, in_features) weight as `spec` says."""
+
+    def quantize_shared(
+        self, weights: list[torch.Tensor], specs: list[QuantSpec], hessian: torch.Tensor | None
+    ) -> list[QuantizedWeight]:
+        """Quantize weights that read the same input (one Hessian); one at a time unless `shares_hessian`."""
+        return [self.quantize(w, s, hessian) for w, s in zip(weights, specs, strict=True)]
 
 
-QUANTIZERS: Registry[Quantizer] = Registry("quantization method")
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")

@@ -18,12 +18,14 @@ Conventions (shared by every method, since they only pick codes differently):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from layerwise.quant.packing import pack, row_chunks
+from layerwise.quant.packing import PackFormat, pack, row_chunks
 from layerwise.quant.quantized import QuantizedWeight, check_weight
-from layerwise.quant.registry import QUANTIZERS
+from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.types import QuantSpec
 
 # Range of positive fp16 values a scale is clamped to: the smallest subnormal and the largest finite.
@@ -69,7 +71,6 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return q.clamp(0, 2**bits - 1).to(torch.int32)
 
 
-@QUANTIZERS.register("rtn")
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """Round every weight to the nearest point of its group's grid; `hessian` is accepted and ignored.
 
@@ -103,4 +104,15 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     )
 
 
-quantize_rtn.needs_hessian = False  # read by the driver: RTN needs no calibration Hessians
+
+@QUANTIZERS.register("rtn")
+class RtnQuantizer(Quantizer):
+    """Round to nearest (`quantize_rtn`): no calibration data, the shared bitstream format."""
+
+    name: ClassVar[str] = "rtn"
+    needs_hessian: ClassVar[bool] = False
+    storage: ClassVar[str] = PackFormat.BITSTREAM.value
+    shares_hessian: ClassVar[bool] = False
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        return quantize_rtn(weight, spec, hessian)

@@ -94,7 +94,7 @@ def test_sensitivity_optimal_compress_end_to_end(method):
     with torch.inference_mode():
         reference = model(input_ids=ids).logits
     result = layerwise.compress(model, 4.0, scorer="sensitivity", planner="optimal", method=method,
-                                options=OPTIONS, group_size=32, calib=random_windows(8, 32), progress=False)
+                                options=OPTIONS, calib=random_windows(8, 32), progress=False)
     damage = result.scores.option_damage
     assert set(damage) == {o.option() for o in parse_options(OPTIONS, method)}
     # Damage falls as bits grow, for every layer.

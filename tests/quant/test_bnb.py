@@ -96,7 +96,7 @@ def test_quantlinear_forward_and_empty_reload(spec):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=True)
     qlinear = quantize_module(linear, spec)
-    assert qlinear.format == QUANTIZERS.get(spec.method)(linear.weight, spec).format
+    assert qlinear.format == QUANTIZERS.get(spec.method)().quantize(linear.weight, spec).format
     x = torch.randn(2, 5, 96)
     deq = qlinear.dequantize()
     torch.testing.assert_close(qlinear(x), x @ deq.T + linear.bias, rtol=1e-6, atol=1e-6)
@@ -163,7 +163,7 @@ def test_storage_bits_count_bitsandbytes_tensors():
     assert QuantSpec(8, 32, "int8").storage_bits(n, k) == QuantSpec(8, 4096, "int8").storage_bits(n, k)
     # The budget is what is actually stored.
     for spec, shape in [(NF4, (7, 9)), (QuantSpec(4, 128, "nf4"), (40, 96)), (INT8, (40, 96))]:
-        qw = QUANTIZERS.get(spec.method)(_weight(*shape), spec)
+        qw = QUANTIZERS.get(spec.method)().quantize(_weight(*shape), spec)
         stored = sum(t.numel() * t.element_size() * 8 for t in (qw.qweight, qw.scales))
         assert qw.storage_bits() == stored == spec.storage_bits(*shape)
 

@@ -13,8 +13,10 @@ from transformers.pytorch_utils import Conv1D
 from layerwise.errors import LayerwiseError
 from layerwise.quant import (
     QUANTIZERS,
+    GptqQuantizer,
     HessianAccumulator,
     QuantLinear,
+    RtnQuantizer,
     group_params,
     min_calibration_tokens,
     quantize_codes,
@@ -299,7 +301,7 @@ def test_needs_a_hessian() -> None:
     with pytest.raises(LayerwiseError, match="calibration"):
         quantize_gptq(weight, QuantSpec(4, 32, "gptq"))
     with pytest.raises(LayerwiseError, match="calibration"):
-        QUANTIZERS.get("gptq")(weight, QuantSpec(4, 32, "gptq"), None)
+        QUANTIZERS.get("gptq")().quantize(weight, QuantSpec(4, 32, "gptq"), None)
 
 
 def test_rejects_bad_inputs() -> None:
@@ -320,9 +322,9 @@ def test_rejects_bad_inputs() -> None:
 
 
 def test_registry_and_capability_flags() -> None:
-    assert QUANTIZERS.get("gptq") is quantize_gptq
-    assert quantize_gptq.needs_hessian is True
-    assert quantize_rtn.needs_hessian is False
+    assert QUANTIZERS.get("gptq") is GptqQuantizer and QUANTIZERS.get("rtn") is RtnQuantizer
+    assert GptqQuantizer.needs_hessian is True and GptqQuantizer.shares_hessian is True
+    assert RtnQuantizer.needs_hessian is False and RtnQuantizer.shares_hessian is False
 
 
 def test_quantize_module_passes_the_hessian(calibration) -> None:

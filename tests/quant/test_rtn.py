@@ -141,7 +141,10 @@ def test_codes_use_full_range_and_input_dtype_does_not_matter() -> None:
 
 
 def test_registered_and_refuses_bad_weights() -> None:
-    assert QUANTIZERS.get("rtn") is quantize_rtn
+    assert QUANTIZERS.get("rtn").name == "rtn"
+    weight = torch.randn(4, 64)
+    assert torch.equal(QUANTIZERS.get("rtn")().quantize(weight, QuantSpec(4, 32)).qweight,
+                       quantize_rtn(weight, QuantSpec(4, 32)).qweight)
     with pytest.raises(LayerwiseError, match="unknown quantization method"):
         QUANTIZERS.get("no-such-method")
     bad = torch.randn(4, 64)
