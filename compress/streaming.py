@@ -73,7 +73,15 @@ from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
 from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.report import build_report
-from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending, read_entries, write_safetensors
+from layerwise.shards import (
+    BadWeights,
+    PendingTensor,
+    SafetensorsSource,
+    pending,
+    read_entries,
+    safetensors_dtype,
+    write_safetensors,
+)
 from layerwise.types import (
     LayerScores,
     Plan,
@@ -274,7 +282,7 @@ class StreamedModel:
 
     # ------------------------------------------------------------------------------- the checkpoint
     def outer_tensors(self) -> list[PendingTensor]:
-        """Every checkpoint tensor outside the decoder layers, read from the files (float32) when written.
+        """Every checkpoint tensor outside the decoder layers, read from the files (in `dtype`) when written.
 
         A tensor shared by several names (tied embeddings) is written once, under its first name, as
         the in-memory `save_checkpoint` does.
@@ -285,7 +293,8 @@ class StreamedModel:
             tensor = state[name]
             if name in self.source:
                 info = self.source.tensors[name]
-                out.append(PendingTensor(name, "F32", info.shape, _source_reader(self.source, name, self.dtype)))
+                out.append(PendingTensor(name, safetensors_dtype(self.dtype), info.shape,
+                                         _source_reader(self.source, name, self.dtype)))
             elif tensor.device.type != "meta":
                 out.append(pending(name, tensor.detach()))
             else:

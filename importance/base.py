@@ -11,6 +11,7 @@ from torch import nn
 
 from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.models import layer_linear_shapes
+from layerwise.placement import Placement, oom_as_error
 from layerwise.registry import Registry
 from layerwise.types import LayerScores
 
@@ -34,6 +35,9 @@ class LayerScorer:
     # backward passes in `prepare`, or read other layers' weights in `score_layer`.
     layer_local: ClassVar[bool] = True
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
+    # Set by `score_model`: where whole-model work in `prepare` runs (None: where the model is). The
+    # layer steps arrive already on that device (`LayerStep.placement`).
+    placement: Placement | None = None
 
     def windows_needed(self) -> int | None:
         """How many of the calibration windows this scorer reads (None: all of them).
@@ -92,11 +96,14 @@ def score_model(
     batch_size: int = 1,
     progress: bool = True,
     weights: LayerWeights | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, LayerScores]:
     """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
 
     `scorer_options` maps a scorer name to keyword arguments for its constructor. `weights` streams a
     model whose layers are not in memory (`layerwise.streaming`); every scorer must then be `layer_local`.
+    `placement` runs each layer's step on its device in its dtype (`layerwise.placement`), and the
+    scorers' whole-model passes layer by layer there.
     """
     scorer_options = scorer_options or {}
     instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
@@ -115,22 +122,24 @@ def score_model(
         windows = _windows_for(readers, windows)
     for scorer in instances:
         scorer.progress = progress
+        scorer.placement = placement
         scorer.prepare(model, windows, batch_size)
     if streaming:
         assert windows is not None
         steps = stream_layers(model, _windows_for([s for s in readers if s.needs_stream], windows),
                               batch_size=batch_size, progress=progress, desc=f"scoring ({', '.join(scorers)})",
-                              weights=weights)
+                              weights=weights, placement=placement)
     else:
-        steps = each_layer(model, progress=progress, desc="scoring", weights=weights)
+        steps = each_layer(model, progress=progress, desc="scoring", weights=weights, placement=placement)
     for step in steps:
-        with ExitStack() as observing:
+        with oom_as_error("scoring", step.index, placement):
+            with ExitStack() as observing:
+                for scorer in instances:
+                    observing.enter_context(scorer.observe(step))
+                outputs = step.run() if streaming else None
+            step.outputs = outputs
             for scorer in instances:
-                observing.enter_context(scorer.observe(step))
-            outputs = step.run() if streaming else None
-        step.outputs = outputs
-        for scorer in instances:
-            values[scorer.name].append(float(scorer.score_layer(step, outputs)))
+                values[scorer.name].append(float(scorer.score_layer(step, outputs)))
     values = {s.name: [float(v) for v in s.finish(values[s.name])] for s in instances}
     seconds = time.perf_counter() - start
     shapes = layer_linear_shapes(model)
