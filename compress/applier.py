@@ -13,6 +13,7 @@ from torch import nn
 from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.errors import LayerwiseError
 from layerwise.models import decoder_layers, linear_modules, linear_weight, set_submodule
+from layerwise.placement import Placement, oom_as_error
 from layerwise.quant import (
     QUANTIZERS,
     SharedInputHessians,
@@ -130,12 +131,14 @@ def _layer_steps(
     weights: LayerWeights | None = None,
     start: int = 0,
     hidden: list[torch.Tensor] | None = None,
+    placement: Placement | None = None,
 ) -> Iterator[LayerStep]:
     if windows is not None:
         yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing",
-                                 weights=weights, start=start, hidden=hidden)
+                                 weights=weights, start=start, hidden=hidden, placement=placement)
         return
-    yield from each_layer(model, progress=progress, desc="quantizing", weights=weights, start=start)
+    yield from each_layer(model, progress=progress, desc="quantizing", weights=weights, start=start,
+                          placement=placement)
 
 
 def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -176,6 +179,7 @@ def apply_plan(
     start: int = 0,
     hidden: list[torch.Tensor] | None = None,
     on_layer: Callable[[LayerStep, LayerOutcome], None] | None = None,
+    placement: Placement | None = None,
 ) -> list[LayerOutcome]:
     """Quantize `model` in place as `plan` says; `method` fills actions that name none.
 
@@ -184,6 +188,8 @@ def apply_plan(
     Streaming (`layerwise.streaming`) passes the layers' `weights`, may resume at layer `start` with
     its saved inputs `hidden`, and gets each finished layer through `on_layer(step, outcome)` (the
     step's `outputs` are then the next layer's inputs, when calibrating) before the layer is released.
+    With a `placement` each layer is calibrated and quantized on its device and is home again (its
+    `QuantLinear` buffers included, floating ones in the model's dtype) before `on_layer` sees it.
     Returns the outcomes of the layers quantized in this call.
     """
     QUANTIZERS.get(method)
@@ -195,22 +201,25 @@ def apply_plan(
     if calibrated and windows is None:
         raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
     outcomes = []
-    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress, weights, start, hidden):
-        action = plan.layers[step.index]
-        modules = linear_modules(step.layer)
-        specs = {name: action.module_spec(name, default_method=method) for name in modules}
-        hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
-        outcome = LayerOutcome(action.layer, specs=specs)
-        names = [name for name in modules if specs[name] is not None]
-        errors, sq_norms = _quantize_layer(step.layer, {n: modules.pop(n) for n in names}, specs, hessians)
-        del modules, hessians  # the float weights and Hessians are gone now: only the quantized layer is left
-        outcome.errors = {name: errors[name] for name in names}
-        outcome.sq_norms = {name: sq_norms[name] for name in names}
-        if names:
-            retie(model, plan, step.index)
-        if calibrated:  # the next layer's inputs, through this layer as now quantized
-            with dense_weights(step.layer.modules()):
-                step.outputs = step.run()
+    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress, weights, start, hidden,
+                             placement):
+        with oom_as_error("quantizing", step.index, placement):
+            action = plan.layers[step.index]
+            modules = linear_modules(step.layer)
+            specs = {name: action.module_spec(name, default_method=method) for name in modules}
+            hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
+            outcome = LayerOutcome(action.layer, specs=specs)
+            names = [name for name in modules if specs[name] is not None]
+            errors, sq_norms = _quantize_layer(step.layer, {n: modules.pop(n) for n in names}, specs, hessians)
+            del modules, hessians  # the float weights and Hessians are gone now: only the quantized layer is left
+            outcome.errors = {name: errors[name] for name in names}
+            outcome.sq_norms = {name: sq_norms[name] for name in names}
+            if names:
+                retie(model, plan, step.index)
+            if calibrated:  # the next layer's inputs, through this layer as now quantized
+                with dense_weights(step.layer.modules()):
+                    step.outputs = step.run()
+        step.release()  # with a placement: the quantized layer goes home before the next one comes
         if on_layer is not None:
             on_layer(step, outcome)
         outcomes.append(outcome)

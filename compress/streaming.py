@@ -62,8 +62,22 @@ from layerwise.checkpoint import unique_state_dict
 from layerwise.driver import LayerStep
 from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
+<<<<<<< HEAD
 from layerwise.models import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending
+=======
+from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
+from layerwise.report import build_report
+from layerwise.shards import (
+    BadWeights,
+    PendingTensor,
+    SafetensorsSource,
+    pending,
+    read_entries,
+    safetensors_dtype,
+    write_safetensors,
+)
+>>>>>>> wip/13-c
 from layerwise.types import (
     QuantSpec,
     read_json,
@@ -233,7 +247,7 @@ class StreamedModel:
 
     # ------------------------------------------------------------------------------- the checkpoint
     def outer_tensors(self) -> list[PendingTensor]:
-        """Every checkpoint tensor outside the decoder layers, read from the files (float32) when written.
+        """Every checkpoint tensor outside the decoder layers, read from the files (in `dtype`) when written.
 
         A tensor shared by several names (tied embeddings) is written once, under its first name, as
         the in-memory `save_checkpoint` does.
@@ -244,7 +258,8 @@ class StreamedModel:
             tensor = state[name]
             if name in self.source:
                 info = self.source.tensors[name]
-                out.append(PendingTensor(name, "F32", info.shape, _source_reader(self.source, name, self.dtype)))
+                out.append(PendingTensor(name, safetensors_dtype(self.dtype), info.shape,
+                                         _source_reader(self.source, name, self.dtype)))
             elif tensor.device.type != "meta":
                 out.append(pending(name, tensor.detach()))
             else:

@@ -40,6 +40,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 from layerwise.eval.results import PPL_TASK, EvalResult
 from layerwise.eval.wiki_tasks import OFFLINE_TASKS
+from layerwise.placement import Placement, sequential_onload
 
 LM_EVAL_INSTALL = "pip install 'layerwise[eval]'"
 # Loglikelihood requests per forward. 24 wiki_mc items on the default model, 2 CPU cores shared with other
@@ -74,6 +75,7 @@ def evaluate(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> EvalResult:
     """Evaluate `model` on `tasks` and return an `EvalResult` (``.to_dict()`` is the schema-1 JSON).
 
@@ -84,10 +86,12 @@ def evaluate(
     (``wiki_ppl``) and ``ppl`` score one window at a time.
     `limit` caps the documents per lm-eval task (an int, or a fraction below 1); for quick checks only.
     `include_path`: directories of the user's own lm-eval task YAMLs.
+    `placement`: run the forwards on its device in its dtype, the weights staying where they are
+    (`layerwise.placement.sequential_onload`); None runs them where the model is.
     """
     evaluator = Evaluator(tasks, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, protocol=protocol,
                           include_path=include_path)
-    return evaluator(model, tokenizer=tokenizer, model_name=model_name, progress=progress)
+    return evaluator(model, tokenizer=tokenizer, model_name=model_name, progress=progress, placement=placement)
 
 
 class Evaluator:
@@ -121,19 +125,21 @@ class Evaluator:
             self.session.load_data()
 
     def __call__(self, model: nn.Module | str | None = None, *, tokenizer: Any = None,
-                 model_name: str | None = None, progress: bool = True) -> EvalResult:
+                 model_name: str | None = None, progress: bool = True,
+                 placement: Placement | None = None) -> EvalResult:
         model, tokenizer, name, model_info = resolve_model(model, tokenizer, model_name)
         results: dict[str, dict[str, Any]] = {}
         task_versions: dict[str, Any] = {}
         try:
             for task in self.tasks:
                 if task == PPL_TASK:
-                    results[PPL_TASK] = perplexity(model, tokenizer, self.protocol, progress=progress).to_dict()
+                    results[PPL_TASK] = perplexity(model, tokenizer, self.protocol, progress=progress,
+                                                   placement=placement).to_dict()
                     continue
                 assert self.session is not None
                 entries, versions = self.session.run(task, model, tokenizer, batch_size=self.batch_size,
                                                      limit=self.limit, num_fewshot=self.num_fewshot,
-                                                     progress=progress)
+                                                     progress=progress, placement=placement)
                 results.update(entries)
                 task_versions.update(versions)
         finally:
@@ -275,14 +281,19 @@ class _HarnessSession:
                     raise self._data_error(task, exc) from None
 
     def run(self, task: str, model: nn.Module, tokenizer: Any, *, batch_size: int, limit: int | float | None,
-            num_fewshot: int | None, progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """Results of one task (several entries for a group) and the task versions lm-eval reports."""
+            num_fewshot: int | None, progress: bool,
+            placement: Placement | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Results of one task (several entries for a group) and the task versions lm-eval reports.
+
+        With a `placement` lm-eval puts its inputs on the placement's device and every forward runs under
+        `sequential_onload` (the model's weights stay where they are).
+        """
         from lm_eval import simple_evaluate
 
         start = time.perf_counter()
-        with self._context(), _progress_bars(progress):
+        with self._context(), _progress_bars(progress), sequential_onload(model, placement, what=f"task {task}"):
             if self._lm is None:
-                self._lm = _wrap(model, tokenizer, batch_size)
+                self._lm = _wrap(model, tokenizer, batch_size, None if placement is None else placement.device)
             try:
                 out = simple_evaluate(model=self._lm, tasks=[task], task_manager=self.manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
@@ -338,8 +349,9 @@ def _task_manager(paths: tuple[str, ...], include_defaults: bool):
     return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
 
 
-def _wrap(model: nn.Module, tokenizer: Any, batch_size: int):
-    """lm-eval's HFLM around the model object, with no hub lookups."""
+def _wrap(model: nn.Module, tokenizer: Any, batch_size: int, device: torch.device | None = None):
+    """lm-eval's HFLM around the model object, with no hub lookups; `device` (default: the model's) is
+    where lm-eval puts its inputs."""
     from lm_eval.models.huggingface import HFLM
 
     class LayerwiseLM(HFLM):
@@ -357,7 +369,10 @@ def _wrap(model: nn.Module, tokenizer: Any, batch_size: int):
                 self.batch_size_per_gpu = saved
 
     # HFLM sets a pad token on the tokenizer it is given; keep the caller's tokenizer as it was.
-    return LayerwiseLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    lm = LayerwiseLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    if device is not None:
+        lm._device = device  # HFLM reads a model object's device once, at construction
+    return lm
 
 
 def convert_lm_eval_results(out: dict[str, Any]) -> dict[str, dict[str, Any]]:

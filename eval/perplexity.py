@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from layerwise.data import load_text, token_windows
 from layerwise.errors import LayerwiseError
+from layerwise.placement import Placement, sequential_onload
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,18 @@ def perplexity(
     protocol: PerplexityProtocol = DEFAULT_PROTOCOL,
     batch_size: int = 1,
     progress: bool = True,
+    *,
+    placement: Placement | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` under `protocol`, on whatever device the model is on."""
+    """Perplexity of `model` under `protocol`, on whatever device the model is on, or with a `placement`
+    on its device in its dtype, one decoder layer at a time unless the model fits (`sequential_onload`)."""
     start = time.perf_counter()
     check_context_length(model, protocol.window_len)
     text = load_text(protocol.corpus, protocol.split)
     windows = token_windows(tokenizer, text, protocol.n_windows, protocol.window_len)
     nll_sum, n_tokens = perplexity_on_windows(
-        model, windows, batch_size=batch_size, progress=progress, desc=f"perplexity ({protocol.name})"
+        model, windows, batch_size=batch_size, progress=progress, desc=f"perplexity ({protocol.name})",
+        placement=placement,
     )
     nll = nll_sum / n_tokens
     return PerplexityResult(
@@ -111,22 +116,26 @@ def perplexity_on_windows(
     batch_size: int = 1,
     progress: bool = False,
     desc: str = "perplexity",
+    *,
+    placement: Placement | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL (nats) over all windows, and the number of tokens predicted.
 
     `windows` is a LongTensor ``[n, L]``; each window is scored independently (no state carried over).
     The model is put in eval mode for the call (dropout would make the number random) and restored after.
+    With a `placement` the forwards run on its device in its dtype (`layerwise.placement.sequential_onload`).
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise LayerwiseError(f"windows must be a [n, L] tensor with L >= 2 tokens, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise LayerwiseError(f"batch size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if placement is None else placement.device
     was_training = model.training
     model.eval()
     nll_sum, n_tokens = 0.0, 0
     try:
-        with tqdm(total=windows.shape[0], desc=desc, unit="window", disable=not progress) as bar:
+        with tqdm(total=windows.shape[0], desc=desc, unit="window", disable=not progress) as bar, \
+                sequential_onload(model, placement, what=desc):
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]

@@ -11,6 +11,7 @@ from torch import nn
 
 from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.models import layer_linear_shapes
+from layerwise.placement import Placement, oom_as_error
 from layerwise.registry import Registry
 from layerwise.types import LayerScores
 
@@ -41,6 +42,9 @@ class LayerScorer:
     # backward passes in `prepare`, or read other layers' weights in `score_layer`.
     layer_local: ClassVar[bool] = True
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
+    # Set by `score_model`: where whole-model work in `prepare` runs (None: where the model is). The
+    # layer steps arrive already on that device (`LayerStep.placement`).
+    placement: Placement | None = None
 
     @classmethod
     def parameters(cls) -> set[str]:
@@ -106,11 +110,14 @@ def score_model(
     batch_size: int = 1,
     progress: bool = True,
     weights: LayerWeights | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, LayerScores]:
     """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
 
     `scorer_options` maps a scorer name to keyword arguments for its constructor. `weights` streams a
     model whose layers are not in memory (`layerwise.streaming`); every scorer must then be `layer_local`.
+    `placement` runs each layer's step on its device in its dtype (`layerwise.placement`), and the
+    scorers' whole-model passes layer by layer there.
     """
     scorer_options = scorer_options or {}
     instances = [SCORERS.get(name)(**scorer_options.get(name, {})) for name in scorers]
@@ -121,8 +128,9 @@ def score_model(
         windows = _windows_for(readers, windows)
     for scorer in instances:
         scorer.progress = progress
+        scorer.placement = placement
         scorer.prepare(model, windows, batch_size)
-    values = _score_layers(model, scorers, instances, windows, batch_size, progress, weights)
+    values = _score_layers(model, scorers, instances, windows, batch_size, progress, weights, placement)
     seconds = time.perf_counter() - start
     calib = dict(calibration or {}) if readers else {}
     if calib and windows is not None:  # what was read, after trimming to the scorers' needs
@@ -143,7 +151,8 @@ def _check_inputs(scorers: list[str], instances: list[LayerScorer], windows: tor
 
 
 def _score_layers(model: nn.Module, scorers: list[str], instances: list[LayerScorer], windows: torch.Tensor | None,
-                  batch_size: int, progress: bool, weights: LayerWeights | None) -> dict[str, list[float]]:
+                  batch_size: int, progress: bool, weights: LayerWeights | None,
+                  placement: Placement | None) -> dict[str, list[float]]:
     """One pass over the decoder layers, each scorer scoring each layer; every scorer's finished scores.
 
     The layer stream (each layer run on its inputs) runs only when some scorer reads it (`needs_stream`),
@@ -153,18 +162,19 @@ def _score_layers(model: nn.Module, scorers: list[str], instances: list[LayerSco
     if streamers:
         assert windows is not None
         steps = stream_layers(model, _windows_for(streamers, windows), batch_size=batch_size, progress=progress,
-                              desc=f"scoring ({', '.join(scorers)})", weights=weights)
+                              desc=f"scoring ({', '.join(scorers)})", weights=weights, placement=placement)
     else:
-        steps = each_layer(model, progress=progress, desc="scoring", weights=weights)
+        steps = each_layer(model, progress=progress, desc="scoring", weights=weights, placement=placement)
     values: dict[str, list[float]] = {s.name: [] for s in instances}
     for step in steps:
-        with ExitStack() as observing:
+        with oom_as_error("scoring", step.index, placement):
+            with ExitStack() as observing:
+                for scorer in instances:
+                    observing.enter_context(scorer.observe(step))
+                outputs = step.run() if streamers else None
+            step.outputs = outputs
             for scorer in instances:
-                observing.enter_context(scorer.observe(step))
-            outputs = step.run() if streamers else None
-        step.outputs = outputs
-        for scorer in instances:
-            values[scorer.name].append(float(scorer.score_layer(step, outputs)))
+                values[scorer.name].append(float(scorer.score_layer(step, outputs)))
     return {s.name: [float(v) for v in s.finish(values[s.name])] for s in instances}
 
 

@@ -94,6 +94,8 @@ class TieScorer(LayerScorer):
         if not tieable(step.layer, self._layers[source]):
             return math.inf
         weights = dict(self._layers[source].named_parameters())
+        if self.placement is not None:  # layer j is on the device; layer j - d is home
+            weights = {name: self.placement.place(p) for name, p in weights.items()}
         errors: list[float] = []
         for x, y in zip(step.inputs, outputs, strict=False):
             tied = layer_output(functional_call(step.layer, weights, (x, *step.call.args), step.call.kwargs))

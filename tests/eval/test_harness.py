@@ -143,3 +143,28 @@ def test_eval_result_reads_the_old_flat_json_and_refuses_others(tmp_path):
     path = tmp_path / "r.json"
     result.save(path)
     assert EvalResult.load(path).results == result.results
+
+
+def test_a_placement_runs_every_forward_on_its_device_in_its_dtype(tiny):
+    import torch
+
+    from layerwise.models import decoder_layers
+    from layerwise.placement import Placement
+
+    model, tokenizer = tiny
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).dtype)
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        placed = evaluate(model, "ppl,wiki_mc", tokenizer=tokenizer, limit=3, batch_size=2, protocol=SMALL,
+                          progress=False, placement=Placement("cpu", torch.bfloat16))
+    finally:
+        handle.remove()
+    assert len(seen) > 4 and set(seen) == {torch.bfloat16}  # ppl's 4 windows, then lm-eval's requests
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model itself is untouched
+    plain = evaluate(model, "ppl", tokenizer=tokenizer, protocol=SMALL, progress=False)
+    assert abs(placed.results["ppl"]["nll"] - plain.results["ppl"]["nll"]) < 0.02 * plain.results["ppl"]["nll"]
+    assert 0 <= placed.results["wiki_mc"]["acc"] <= 1
