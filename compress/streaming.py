@@ -62,22 +62,8 @@ from layerwise.checkpoint import unique_state_dict
 from layerwise.driver import LayerStep
 from layerwise.errors import LayerwiseError
 from layerwise.loading import check_causal_config, quiet_transformers
-<<<<<<< HEAD
 from layerwise.models import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
-from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending
-=======
-from layerwise.models import decoder_layers, layer_linear_shapes, layers_path, nonfinite_message, nonfinite_tensors
-from layerwise.report import build_report
-from layerwise.shards import (
-    BadWeights,
-    PendingTensor,
-    SafetensorsSource,
-    pending,
-    read_entries,
-    safetensors_dtype,
-    write_safetensors,
-)
->>>>>>> wip/13-c
+from layerwise.shards import BadWeights, PendingTensor, SafetensorsSource, pending, safetensors_dtype
 from layerwise.types import (
     QuantSpec,
     read_json,
