@@ -85,6 +85,14 @@ def resolve_model_path(name: str | None) -> Path:
         raise _not_found(name, exc) from None
 
 
+def local_model_dir(name: str | None) -> Path | None:
+    """The local directory of `name` (the default model's cache copy, or a directory), None for a hub id."""
+    if _is_default(name):
+        return _default_model_dir()
+    assert name is not None
+    return _local_dir(name)
+
+
 def load_model(
     name_or_path: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -34,6 +34,8 @@ from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.models import decoder_layers, layer_linear_shapes, layers_path
 from layerwise.planners import PLANNERS, check_planner_accepts, make_plan, uniform_plan
+from layerwise.device import resolve_device, resolve_dtype
+from layerwise.placement import Placement, placement_for
 from layerwise.progress import PhaseClock
 from layerwise.quant import QUANTIZERS
 from layerwise.recipe import Recipe
@@ -72,6 +74,7 @@ class _Run:
     structure_plan: Plan | None = None
     compacted: Plan | None = None
     scores: LayerScores | None = None
+    placement: Placement | None = None
 
 
 def resolve(recipe: Recipe) -> Recipe:
@@ -108,11 +111,14 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
     """
     recipe = resolve(recipe)
     check_source(source, recipe)
+    device = resolve_device(recipe.device)
     sink.check()
     state = _Run(recipe, source, sink, PhaseClock(progress), scores=scores)
     try:
         with state.clock.phase("load", source.name if isinstance(source, StreamedSource) else ""):
-            source.open()
+            dtype = resolve_dtype(recipe.dtype, device, source.checkpoint_dtype())
+            source.open(dtype)
+        state.placement = placement_for(device, dtype)
         if recipe.plan is not None:
             check_plan_fits(recipe.plan, source.model)
         state.shapes = layer_linear_shapes(source.model)
@@ -242,7 +248,7 @@ def _structure(state: _Run, progress: bool) -> None:
     scorers = recipe.structure.scorers(recipe.prune_scorer)
     if scorers:
         results = score_model(model, sorted(set(scorers.values())), state.windows, model_name=state.source.name,
-                              calibration=state.calib_summary, progress=progress)
+                              calibration=state.calib_summary, progress=progress, placement=state.placement)
         actions = plan_structure(len(decoder_layers(model)), recipe.structure,
                                  **{f"{role}_scores": results[scorer] for role, scorer in scorers.items()})
         structure_plan = Plan(actions, made_by={"structure": asdict(recipe.structure), "structure_scorers": scorers})
@@ -260,7 +266,7 @@ def _score(state: _Run, progress: bool) -> LayerScores:
     windows = state.windows if scorer_cls.needs_activations else None
     return score_model(state.source.model, [recipe.scorer], windows, model_name=state.source.name,
                        calibration=state.calib_summary, scorer_options={recipe.scorer: kwargs}, progress=progress,
-                       weights=state.source.layer_weights)[recipe.scorer]
+                       weights=state.source.layer_weights, placement=state.placement)[recipe.scorer]
 
 
 def _plan(state: _Run) -> tuple[Plan, Plan]:
@@ -334,7 +340,8 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
             source.streamed.quantizing = True
         done = apply_plan(source.model, quantized, recipe.method, windows=state.windows if calibrated else None,
                           progress=progress, weights=source.layer_weights, start=first, hidden=hidden,
-                          on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated))
+                          on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated),
+                          placement=state.placement)
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = False
     outcomes = sink.outcomes(done, n_layers)

@@ -56,6 +56,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise LayerwiseError(f"unknown dtype {dtype!r}; choose one of bfloat16, float16, float32") from None
 
 
+def placement_for(device: torch.device, dtype: torch.dtype) -> Placement | None:
+    """The placement of a run on `device` in `dtype`; None for the CPU in float32 (nothing to place)."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return None
+    return Placement(device, dtype)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Run each decoder layer's work on `device` in `dtype`; the weights stay home in between.

@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from layerwise.device import checkpoint_dtype
 from layerwise.driver import LayerWeights
 from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS
@@ -38,8 +40,19 @@ class ResidentSource:
     def refusal(self, recipe: Recipe) -> str | None:
         return None
 
-    def open(self) -> None:
-        """Load (or check) the model: refuses non-causal models and NaN/Inf weights, naming the tensors."""
+    def checkpoint_dtype(self) -> torch.dtype | None:
+        """The dtype of the weights as given: the model's own, or what its directory's config says."""
+        if isinstance(self._given, nn.Module):
+            return next(self._given.parameters()).dtype
+        from layerwise.loading import local_model_dir
+
+        return checkpoint_dtype(local_model_dir(self._given))
+
+    def open(self, dtype: torch.dtype = torch.float32) -> None:
+        """Load (or check) the model: refuses non-causal models and NaN/Inf weights, naming the tensors.
+
+        A model loaded here is loaded in `dtype`; a model object is used as it is (each layer is cast
+        when it is placed on the device)."""
         given = self._given
         if isinstance(given, nn.Module):
             self.name = getattr(getattr(given, "config", None), "_name_or_path", "") or type(given).__name__
@@ -47,7 +60,7 @@ class ResidentSource:
             check_finite_weights(given, self.name)
             self.model = given
             return
-        model, tokenizer = load_model(given)
+        model, tokenizer = load_model(given, dtype)
         self.name = model_name(given)
         check_finite_weights(model, self.name)
         self.model, self.tokenizer = model, self.tokenizer or tokenizer
@@ -87,13 +100,17 @@ class StreamedSource:
                     f"{', '.join(local)} (--scorer), uniform bits (--uniform), or stream=False (--no-stream)")
         return None
 
-    def open(self) -> None:
-        """Build the model on the meta device; check the tensors outside the layers for NaN/Inf."""
+    def checkpoint_dtype(self) -> torch.dtype | None:
+        return checkpoint_dtype(self.path)
+
+    def open(self, dtype: torch.dtype = torch.float32) -> None:
+        """Build the model on the meta device (its layers read in `dtype`); check the tensors outside the
+        layers for NaN/Inf."""
         from transformers import AutoTokenizer
 
         from layerwise.streaming import StreamedModel
 
-        self.streamed = StreamedModel(self.path)
+        self.streamed = StreamedModel(self.path, dtype)
         self.streamed.check_outer()  # the layers are checked as they are read
         self.model = self.streamed.model
         if (self.path / "tokenizer_config.json").is_file():
@@ -106,7 +123,7 @@ class StreamedSource:
 
     @property
     def element_bytes(self) -> int:
-        return 4  # the layers are read as float32
+        return self.streamed.dtype.itemsize  # the dtype the layers are read in
 
     def fingerprint(self) -> list[list]:
         return self.streamed.source.fingerprint()
