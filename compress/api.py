@@ -21,17 +21,20 @@ from layerwise.applier import (
 )
 from layerwise.budget import average_bits, n_weights
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.device import check_cpu_float32
 from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.loading import load_model, model_name
 from layerwise.models import check_causal_lm, check_finite_weights, decoder_layers, layer_linear_shapes
+from layerwise.paths import check_not_inside
 from layerwise.planners import PLANNERS, uniform_plan
 from layerwise.quant import QUANTIZERS
 from layerwise.report import Report, build_report
 from layerwise.streaming import RunArgs
 from layerwise.structure import TIE_MODES, StructureConfig, plan_structure
 from layerwise.types import LayerAction, LayerScores, LinearShapes, Plan, parse_options
+from layerwise.validate import check_numbers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -82,12 +85,16 @@ def score(
     options: str | list[str] | None = None,
     method: str = "rtn",
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LayerScores:
     """Score every decoder layer with `scorer` (see `layerwise.importance.SCORERS`).
 
     `calib` is a built-in corpus name, a text file, or token windows (a LongTensor [n, length]).
     `options` and `method` go to scorers that measure quantization options (`sensitivity`).
     """
+    check_numbers(calib_windows=calib_windows, calib_len=calib_len)
+    check_cpu_float32(device, dtype)
     scorer_cls = SCORERS.get(scorer)
     model, tokenizer, name = _resolve(model_or_path, tokenizer)
     windows, calibration = None, None
@@ -125,6 +132,7 @@ def make_plan(
     (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the scores measured). `planner` defaults
     to `optimal` when the scores carry measured damage per option, else `lwq`.
     """
+    check_numbers(bits=bits, high=high, low=low, group_size=group_size, seed=seed, n_low=n_low)
     planner = planner or default_planner(bool(scores.option_damage))
     plan_fn = PLANNERS.get(planner)
     if method is not None:
@@ -151,6 +159,8 @@ def apply(
     calib_len: int = DEFAULT_CALIB_LEN,
     tie_mode: str = "first",
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> CompressResult:
     """Compress the model in place as `plan` says; `method` fills the quantize actions that name none.
 
@@ -159,6 +169,8 @@ def apply(
     layers are quantized. Calibration text (`calib`, as in `score`) is read only when a method needs it
     (gptq).
     """
+    check_numbers(calib_windows=calib_windows, calib_len=calib_len)
+    check_cpu_float32(device, dtype)
     QUANTIZERS.get(method)
     if tie_mode not in TIE_MODES:
         raise LayerwiseError(f"unknown tie mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
@@ -231,6 +243,8 @@ def compress(
     overwrite: bool = False,
     stream: bool | None = None,
     resume: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -258,6 +272,12 @@ def compress(
     continues an interrupted streamed run into `out` from its last finished layer (it implies streaming);
     the arguments must be the ones the run started with.
     """
+    check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
+                  prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,
+                  calib_len=calib_len)
+    check_cpu_float32(device, dtype)
+    if out is not None:
+        check_not_inside(out, [model_or_path])
     structure = StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode)
     # Validate every name, then the budget against the model's shapes, before the slow steps run.
     scorer_cls = SCORERS.get(scorer)
@@ -453,6 +473,7 @@ def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:
     """Write a `compress()`/`apply()` result as a layerwise checkpoint directory."""
     from layerwise.checkpoint import save_checkpoint
 
+    check_not_inside(out, [result.report.model, *([result.model] if result.model is not None else [])])
     extra: dict[str, Any] = {"report": result.report.to_dict()}
     if result.scores is not None:
         extra["scores"] = result.scores.to_dict()

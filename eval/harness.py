@@ -36,10 +36,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from layerwise.device import check_cpu_float32
 from layerwise.errors import LayerwiseError
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 from layerwise.eval.results import PPL_TASK, EvalResult
 from layerwise.eval.wiki_tasks import OFFLINE_TASKS
+from layerwise.validate import check_numbers
 
 LM_EVAL_INSTALL = "pip install 'layerwise[eval]'"
 # Loglikelihood requests per forward. 24 wiki_mc items on the default model, 2 CPU cores shared with other
@@ -74,6 +76,8 @@ def evaluate(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> EvalResult:
     """Evaluate `model` on `tasks` and return an `EvalResult` (``.to_dict()`` is the schema-1 JSON).
 
@@ -85,6 +89,7 @@ def evaluate(
     `limit` caps the documents per lm-eval task (an int, or a fraction below 1); for quick checks only.
     `include_path`: directories of the user's own lm-eval task YAMLs.
     """
+    check_cpu_float32(device, dtype)
     evaluator = Evaluator(tasks, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, protocol=protocol,
                           include_path=include_path)
     return evaluator(model, tokenizer=tokenizer, model_name=model_name, progress=progress)
@@ -114,6 +119,7 @@ class Evaluator:
             raise LayerwiseError(f"limit must be positive, got {limit}")
         if num_fewshot is not None and num_fewshot < 0:
             raise LayerwiseError(f"num_fewshot must be 0 or more, got {num_fewshot}")
+        check_numbers(batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)  # NaN, inf, non-integers
         self.batch_size, self.limit, self.num_fewshot, self.protocol = batch_size, limit, num_fewshot, protocol
         harness_tasks = [n for n in self.tasks if n != PPL_TASK]
         self.session = _HarnessSession(harness_tasks, include_path) if harness_tasks else None
