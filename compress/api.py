@@ -13,13 +13,15 @@ from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.loading import model_name, resolve_model_path
-from layerwise.pipeline import CompressResult, calibration, run
+from layerwise.pipeline import CompressResult, calibration, open_placed, run
 from layerwise.planners import make_plan
 from layerwise.recipe import DEFAULT_METHOD, DEFAULT_SCORER, TOKEN_WINDOWS, Calibration, Recipe
 from layerwise.sinks import MemorySink, WorkDirSink
 from layerwise.sources import ResidentSource, StreamedSource
+from layerwise.paths import check_not_inside
 from layerwise.structure import TIE_MODES, StructureConfig
 from layerwise.types import LayerScores, Plan
+from layerwise.validate import check_numbers
 
 DEFAULT_MODEL = "smollm2-135m"
 __all__ = ["DEFAULT_MODEL", "CompressResult", "apply", "compress", "make_plan", "save", "score"]
@@ -36,22 +38,26 @@ def score(
     options: str | list[str] | None = None,
     method: str = "rtn",
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LayerScores:
     """Score every decoder layer with `scorer` (see `layerwise.importance.SCORERS`).
 
     `calib` is a built-in corpus name, a text file, or token windows (a LongTensor [n, length]).
     `options` and `method` go to scorers that measure quantization options (`sensitivity`).
+    `device` and `dtype`: where the layers run, as for `compress`.
     """
+    check_numbers(calib_windows=calib_windows, calib_len=calib_len)
     scorer_cls = SCORERS.get(scorer)
     source = ResidentSource(model_or_path, tokenizer)
-    source.open()
+    placement = open_placed(source, _name(device) or "auto", _name(dtype))
     windows, summary = None, None
     if scorer_cls.needs_activations:
         windows, summary = calibration(source.tokenizer, calib, calib_windows, calib_len, f"scorer {scorer!r}")
     offered = {"options": options, "method": method}
     kwargs = {k: v for k, v in offered.items() if k in scorer_cls.parameters() and v is not None}
     return score_model(source.model, [scorer], windows, model_name=source.name, calibration=summary,
-                       scorer_options={scorer: kwargs}, progress=progress)[scorer]
+                       scorer_options={scorer: kwargs}, progress=progress, placement=placement)[scorer]
 
 
 def apply(
@@ -66,19 +72,22 @@ def apply(
     calib_len: int = DEFAULT_CALIB_LEN,
     tie_mode: str = "first",
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> CompressResult:
     """Compress the model in place as `plan` says; `method` fills the quantize actions that name none.
 
     Pruned layers are removed, dropped sub-layers replaced, tied layers share their representative's
     modules (`tie_mode` ``average`` first gives the representative its run's mean weights), then the
     layers are quantized. Calibration text (`calib`, as in `score`) is read only when a method needs it
-    (gptq). The same pipeline as `compress`, with the plan given instead of made.
+    (gptq). The same pipeline as `compress`, with the plan given instead of made; `device` and `dtype` as there.
     """
+    check_numbers(calib_windows=calib_windows, calib_len=calib_len)
     if tie_mode not in TIE_MODES:
         raise LayerwiseError(f"unknown tie mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     recipe = Recipe(method=method, plan=plan, structure=StructureConfig(tie_mode=tie_mode),
                     calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows,
-                                            calib_len))
+                                            calib_len), device=_name(device) or "auto", dtype=_name(dtype))
     windows = calib if isinstance(calib, torch.Tensor) else None
     return run(recipe, ResidentSource(model_or_path, tokenizer), MemorySink(None), calib=windows, scores=scores,
                progress=progress)
@@ -116,6 +125,8 @@ def compress(
     overwrite: bool = False,
     stream: bool | None = None,
     resume: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -144,12 +155,23 @@ def compress(
     streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory available. `resume`
     continues an interrupted streamed compression into `out` from its last finished layer (it implies
     streaming); the recipe must be the one the run started with.
+
+    `device`: ``auto`` (default: CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. The weights stay on
+    the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
+    forward, scoring and quantization, then back. `dtype`: ``float32``, ``bfloat16`` or ``float16`` (default:
+    the checkpoint's own on a GPU, float32 on the CPU); Hessians and GPTQ arithmetic are float32 always.
     """
+    check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
+                  prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,
+                  calib_len=calib_len)
+    if out is not None:
+        check_not_inside(out, [model_or_path])
     recipe = Recipe.build(
         bits=bits, uniform=uniform, scorer=scorer, planner=planner, method=method, group_size=group_size,
         high=high, low=low, sym=sym, order=order, seed=seed, n_low=n_low, options=options,
         structure=StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode), prune_scorer=prune_scorer,
         calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows, calib_len),
+        device=_name(device) or "auto", dtype=_name(dtype),
     )
     windows = calib if isinstance(calib, torch.Tensor) else None
     source, sink = _source_and_sink(model_or_path, tokenizer, out, overwrite, stream, resume)
@@ -195,8 +217,14 @@ def _streams(model_or_path: nn.Module | str | None, out: str | os.PathLike | Non
     return asked
 
 
+def _name(value: str | torch.device | torch.dtype | None) -> str | None:
+    """A device or dtype as the recipe records it: ``cuda:0``, ``bfloat16``."""
+    return None if value is None else str(value).removeprefix("torch.")
+
+
 def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:
     """Write a `compress()`/`apply()` result as a layerwise checkpoint directory."""
+    check_not_inside(out, [result.report.model, *([result.model] if result.model is not None else [])])
     extra: dict[str, Any] = {} if result.recipe is None else {"recipe": result.recipe.to_dict()}
     extra["report"] = result.report.to_dict()
     if result.scores is not None:

@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
+from layerwise.device import DTYPE_ALIASES, DTYPES
 from layerwise.errors import LayerwiseError
 from layerwise.export import EXPORT_FORMATS
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.planners import ORDERS, LwqConfig
 from layerwise.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
+from layerwise.validate import parse_number
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_BITS = 3.25
+
+
+def _number(name: str) -> Callable[[str], int | float]:
+    """An argparse ``type=`` reading a flag by its rule in `layerwise.validate` (NaN, infinities and
+    out-of-range values refused in one line naming the flag, what is allowed and an example)."""
+
+    def convert(text: str) -> int | float:
+        try:
+            return parse_number(name, text)
+        except LayerwiseError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -32,58 +48,63 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wikipedia",
                    help="calibration text: a built-in corpus (wikipedia, pydoc, britannica) or a UTF-8 text file")
-    p.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS,
+    p.add_argument("--calib-windows", type=_number("calib_windows"), default=DEFAULT_CALIB_WINDOWS,
                    help=f"number of calibration windows (default {DEFAULT_CALIB_WINDOWS})")
-    p.add_argument("--calib-len", type=int, default=DEFAULT_CALIB_LEN,
+    p.add_argument("--calib-len", type=_number("calib_len"), default=DEFAULT_CALIB_LEN,
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_LEN})")
 
 
-# Planner settings whose flags default to None ("not given"), so that only what the user set is passed on
-# (a planner refuses settings it does not take); the defaults shown in the help are lwq's (LwqConfig).
-PLANNER_FLAGS = ("high", "low", "group_size", "sym", "order", "seed")
-
-
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
-    """The flags among `names` the user set (left unset, they are None)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    default = {f.name: f.default for f in fields(LwqConfig)}
-    p.add_argument("--bits", type=float, default=None,
+    p.add_argument("--bits", type=_number("bits"), default=None,
                    help="average bits per decoder weight incl. scale/zero overhead (compress default: 3.25)")
-    p.add_argument("--n-low", type=int, default=None,
+    p.add_argument("--n-low", type=_number("n_low"), default=None,
                    help="instead of --bits: put exactly this many layers at the low width")
     p.add_argument("--planner", default=None,
                    help=f"planner: {_names('planner')} (default: optimal if the scorer measured damage per "
                         "option, e.g. sensitivity; else lwq)")
-    p.add_argument("--high", type=int, default=None,
+    # Planner settings default to None ("not given"): only what the user set is passed on, and a planner
+    # refuses a setting it does not take. The defaults shown are lwq's (LwqConfig).
+    default = {f.name: f.default for f in fields(LwqConfig)}
+    p.add_argument("--high", type=_number("high"), default=None,
                    help=f"bit width of the important layers (default {default['high']})")
-    p.add_argument("--low", type=int, default=None, help=f"bit width of the other layers (default {default['low']})")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--low", type=_number("low"), default=None,
+                   help=f"bit width of the other layers (default {default['low']})")
+    p.add_argument("--group-size", type=_number("group_size"), default=None,
                    help=f"input columns per scale/zero group (default {default['group_size']})")
     p.add_argument("--sym", action="store_true", default=None,
                    help="symmetric quantization (no stored zero; default asymmetric)")
     p.add_argument("--order", default=None, choices=list(ORDERS),
                    help=f"which layers get the high width: most important (default {default['order']}), least "
                         "(reverse), or random")
-    p.add_argument("--seed", type=int, default=None, help=f"seed for --order random (default {default['seed']})")
+    p.add_argument("--seed", type=_number("seed"), default=None, help=f"seed for --order random (default "
+                                                                      f"{default['seed']})")
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
 
 
 def _add_structure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prune", type=int, default=0, metavar="N", help="remove N decoder layers (default 0)")
+    p.add_argument("--prune", type=_number("prune"), default=0, metavar="N", help="remove N decoder layers (default 0)")
     p.add_argument("--prune-block", action="store_true",
                    help="prune one contiguous block of N layers by angular distance (Gromov et al.)")
-    p.add_argument("--drop-attn", type=int, default=0, metavar="N",
+    p.add_argument("--drop-attn", type=_number("drop_attn"), default=0, metavar="N",
                    help="drop N attention sub-layers, the least important by the sublayer scorer")
-    p.add_argument("--drop-mlp", type=int, default=0, metavar="N", help="drop N MLP sub-layers (sublayer scorer)")
-    p.add_argument("--tie", type=int, default=0, metavar="N",
+    p.add_argument("--drop-mlp", type=_number("drop_mlp"), default=0, metavar="N",
+                   help="drop N MLP sub-layers (sublayer scorer)")
+    p.add_argument("--tie", type=_number("tie"), default=0, metavar="N",
                    help="remove N layers by tying them to a neighbour's weights (tie scorer: least measured damage)")
     p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
                    help="a run of tied layers uses its first layer's weights (default) or their average")
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    dtypes = "|".join(DTYPES)
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs: auto (default: cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, metavar=dtypes,
+                   help=f"float type to load and run the model in ({dtypes}; aliases "
+                        f"{', '.join(DTYPE_ALIASES)}); default: float32 on the CPU, the checkpoint's own on a GPU. "
+                        "float16 is refused on the CPU (use bfloat16)")
 
 
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
@@ -97,16 +118,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="ppl",
                    help="comma-separated: ppl (layerwise's perplexity protocol, default), the offline tasks "
                         f"{', '.join(OFFLINE_TASKS)}, or lm-eval task names (needs pip install 'layerwise[eval]')")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=_number("batch_size"), default=32,
                    help="lm-eval requests per forward (default 32); rolling perplexity and ppl go one window at a time")
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--limit", type=_number("limit"), default=None,
                    help="at most this many documents per lm-eval task (a fraction if below 1); for quick checks")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks")
+    p.add_argument("--num-fewshot", type=_number("num_fewshot"), default=None,
+                   help="few-shot examples for lm-eval tasks")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR",
                    help="a directory of your own lm-eval task YAMLs (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=_number("max_tokens"), default=None,
                    help="ppl: evaluation tokens (default: the protocol's 16384)")
-    p.add_argument("--window", type=int, default=None, help="ppl: window length (default: the protocol's 1024)")
+    p.add_argument("--window", type=_number("window"), default=None,
+                   help="ppl: window length (default: the protocol's 1024)")
 
 
 def _names(kind: str) -> str:
@@ -119,12 +142,23 @@ def _names(kind: str) -> str:
     return ", ".join(registry.names())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the flag, what is allowed, an example), as every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text))
+    return parser
 
-    p = sub.add_parser("score", help="score the importance of every decoder layer")
+
+def _add_score_parser(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--scorer", default="lim", help=f"importance scorer: {_names('scorer')} (default lim)")
     p.add_argument("--options", default=None,
@@ -132,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_OPTIONS})")
     p.add_argument("--method", default="rtn", help="method of options that name none (sensitivity scorer)")
     _add_calib(p)
+    _add_placement(p)
     _add_output(p, "--json", "where to write the scores JSON")
 
-    p = sub.add_parser("plan", help="turn scores and a budget into a per-layer plan")
+
+def _add_plan_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", required=True, help="scores JSON written by `layerwise score`")
     _add_plan_options(p)
     p.add_argument("--method", default=None,
                    help=f"method to write into the plan: {_names('method')} (default: chosen at apply)")
     _add_output(p, "--out", "where to write the plan JSON")
 
-    p = sub.add_parser("apply", help="quantize a model as a plan says and write a checkpoint")
+
+def _add_apply_parser(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--plan", required=True, help="plan JSON (from `layerwise plan`, possibly edited)")
     p.add_argument("--method", default="rtn",
@@ -150,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
                    help="tied layers use their representative's weights (default) or the run's average")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
-    p = sub.add_parser("compress", help="score, plan and apply in one step")
+
+def _add_compress_parser(p: argparse.ArgumentParser) -> None:
     _add_model(p)
-    p.add_argument("--uniform", type=int, default=None, metavar="BITS",
+    p.add_argument("--uniform", type=_number("uniform"), default=None, metavar="BITS",
                    help="skip scoring and planning: every layer at BITS bits with --group-size")
     p.add_argument("--scorer", default=None,
                    help=f"importance scorer: {_names('scorer')}. Picks the layers to prune when --prune is given "
@@ -173,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed compression into --out from its last finished layer "
                         "(same arguments; implies --stream)")
+    _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
-    p = sub.add_parser("export", help="write a checkpoint in a format other loaders read")
+
+def _add_export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="layerwise checkpoint directory")
     p.add_argument("--format", default="hf", choices=list(EXPORT_FORMATS),
                    help="hf: plain Hugging Face directory (pruned-only checkpoints); compressed-tensors: "
@@ -183,19 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "qint2/qint4/qint8 (QuantizedModelForCausalLM)")
     _add_output(p, "--out", "directory to write")
 
-    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model or checkpoint")
+
+def _add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory, HF directory, hub id or alias")
     _add_eval_options(p)
+    _add_placement(p)
     _add_output(p, "--json", "where to write the result JSON", required=False)
 
-    p = sub.add_parser("report", help="compare the original model and compressed checkpoints (Markdown + plots)")
+
+def _add_report_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="MODEL_OR_CKPT",
                    help="checkpoint directories, HF model directories or the alias smollm2-135m")
     p.add_argument("--results", nargs="+", default=[], metavar="FILE",
                    help="JSON files from `layerwise eval --json`; the inputs they name are not evaluated again")
     _add_eval_options(p)
     _add_output(p, "--out", "directory to write report.md, results.json, per_layer.png and ppl_vs_size.png")
-    return parser
 
 
 def _protocol(max_tokens: int | None = None, window: int | None = None):
@@ -224,20 +267,23 @@ def _check_json_out(path: str, overwrite: bool) -> None:
     check_writable(Path(path))
 
 
-def _perplexity(model, tokenizer, progress: bool, label: str) -> float:
+def _perplexity(model, tokenizer, progress: bool, label: str, placement: dict[str, Any]) -> float:
     from layerwise.eval import DEFAULT_PROTOCOL, perplexity
+    from layerwise.placement import placement_for
 
-    result = perplexity(model, tokenizer, DEFAULT_PROTOCOL, progress=progress)
+    result = perplexity(model, tokenizer, DEFAULT_PROTOCOL, progress=progress,
+                        placement=placement_for(placement["device"], placement["dtype"]))
     print(f"perplexity {label}: {result.perplexity:.3f} ({result.protocol}, {result.tokens} tokens)")
     return result.perplexity
 
 
-def _finish_checkpoint(result, out: str, overwrite: bool, ppl_before: float | None, progress: bool) -> None:
+def _finish_checkpoint(result, out: str, overwrite: bool, ppl_before: float | None, progress: bool,
+                       placement: dict[str, Any]) -> None:
     from layerwise.api import save
     from layerwise.eval import DEFAULT_PROTOCOL
 
     if ppl_before is not None:
-        ppl_after = _perplexity(result.model, result.tokenizer, progress, "after")
+        ppl_after = _perplexity(result.model, result.tokenizer, progress, "after", placement)
         result.report.metrics.update(perplexity_before=ppl_before, perplexity_after=ppl_after,
                                      perplexity_protocol=DEFAULT_PROTOCOL.name)
     print(result.report.to_text())
@@ -246,107 +292,176 @@ def _finish_checkpoint(result, out: str, overwrite: bool, ppl_before: float | No
 
 
 def run(args: argparse.Namespace) -> None:
-    progress = not args.quiet
+    COMMANDS[args.command][2](args, not args.quiet)
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """--device and --dtype resolved and checked (before anything is loaded); the keyword arguments that
+    pass them on, which are none for the CPU in float32 (the API's defaults)."""
+    from layerwise.device import checkpoint_dtype, resolve_device, resolve_dtype
+    from layerwise.paths import input_path
+
+    device = resolve_device(args.device)
+    source = input_path(args.model) if args.dtype is None and device.type != "cpu" else None
+    dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(source))
+    return {"device": device, "dtype": dtype}
+
+
+def _run_score(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise import api
+    from layerwise.paths import check_not_inside
+
+    placement = _placement(args)
+    check_not_inside(args.json, [args.model])
+    _check_json_out(args.json, args.overwrite)
+    scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
+                       calib_len=args.calib_len, options=args.options, method=args.method, progress=progress,
+                       **placement)
+    scores.save(args.json)
+    for i, value in enumerate(scores.scores):
+        print(f"layer {i:3d}  {args.scorer} {value: .6f}")
+    print(f"wrote {args.json} ({scores.seconds:.1f} s)")
+
+
+def _run_plan(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise import api
+    from layerwise.paths import check_not_inside
+    from layerwise.types import LayerScores
+
+    check_not_inside(args.out, [args.scores], "scores file")
+    _check_json_out(args.out, args.overwrite)
+    scores = LayerScores.load(args.scores)
+    plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
+                         group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
+                         seed=args.seed, n_low=args.n_low, options=args.options)
+    plan.save(args.out)
+    bits = ", ".join(f"{b}" for b in plan.bits_per_layer())
+    print(f"bits per layer: {bits}\naverage bits (incl. overhead): {plan.avg_bits:.4f}\nwrote {args.out}")
+
+
+def _run_apply(args: argparse.Namespace, progress: bool) -> None:
     from layerwise import api
     from layerwise.applier import check_plan_fits
     from layerwise.checkpoint import check_output_dir
+    from layerwise.loading import load_model
     from layerwise.models import check_finite_weights
-    from layerwise.types import LayerScores, Plan
+    from layerwise.paths import check_not_inside
+    from layerwise.types import Plan
 
-    if args.command == "score":
-        _check_json_out(args.json, args.overwrite)
-        scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
-                           calib_len=args.calib_len, options=args.options, method=args.method, progress=progress)
-        scores.save(args.json)
-        for i, value in enumerate(scores.scores):
-            print(f"layer {i:3d}  {args.scorer} {value: .6f}")
-        print(f"wrote {args.json} ({scores.seconds:.1f} s)")
-    elif args.command == "plan":
-        _check_json_out(args.out, args.overwrite)
-        scores = LayerScores.load(args.scores)
-        # Unset flags are None, which make_plan takes as "not given": only what the user set is passed on.
-        plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
-                             group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
-                             seed=args.seed, n_low=args.n_low, options=args.options)
-        plan.save(args.out)
-        bits = ", ".join(f"{b}" for b in plan.bits_per_layer())
-        print(f"bits per layer: {bits}\naverage bits (incl. overhead): {plan.avg_bits:.4f}\nwrote {args.out}")
-    elif args.command == "apply":
-        check_output_dir(args.out, args.overwrite)
-        plan = Plan.load(args.plan)
+    placement = _placement(args)
+    check_not_inside(args.out, [args.model])
+    check_not_inside(args.out, [args.plan], "plan file")
+    check_output_dir(args.out, args.overwrite)
+    plan = Plan.load(args.plan)
+    model, tokenizer = load_model(args.model, placement["dtype"])
+    check_plan_fits(plan, model)
+    if args.eval:  # before the perplexity (api.apply checks again, but only after it)
+        check_finite_weights(model, args.model)
+    ppl_before = _perplexity(model, tokenizer, progress, "before", placement) if args.eval else None
+    result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
+                       calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
+                       progress=progress, **placement)
+    _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress, placement)
+
+
+def _run_compress(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise import api
+    from layerwise.checkpoint import check_output_dir
+    from layerwise.paths import check_not_inside
+
+    placement = _placement(args)
+    check_not_inside(args.out, [args.model])
+    check_output_dir(args.out, args.overwrite)
+    if args.eval and (args.stream or args.resume):
+        raise LayerwiseError("--eval needs the whole model in memory; drop --stream/--resume, or evaluate the "
+                             "checkpoint afterwards with `layerwise eval`")
+    model, tokenizer, ppl_before = args.model, None, None
+    if args.eval:
         from layerwise.loading import load_model
+        from layerwise.models import check_finite_weights
 
-        model, tokenizer = load_model(args.model)
-        check_plan_fits(plan, model)
-        if args.eval:  # before the perplexity (api.apply checks again, but only after it)
-            check_finite_weights(model, args.model)
-        ppl_before = _perplexity(model, tokenizer, progress, "before") if args.eval else None
-        result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
-                           calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
-                           progress=progress)
-        _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
-    elif args.command == "compress":
-        check_output_dir(args.out, args.overwrite)
-        structural = bool(args.prune or args.drop_attn or args.drop_mlp or args.tie)
-        bits = args.bits
-        if bits is None and args.n_low is None and args.uniform is None and not structural:
-            bits = DEFAULT_BITS
-        scorer, prune_scorer = args.scorer, None
-        if args.prune:
-            scorer, prune_scorer = args.bits_scorer, args.scorer
-        if args.eval and (args.stream or args.resume):
-            raise LayerwiseError("--eval needs the whole model in memory; drop --stream/--resume, or evaluate the "
-                                 "checkpoint afterwards with `layerwise eval`")
-        model, tokenizer, ppl_before = args.model, None, None
-        if args.eval:
-            from layerwise.loading import load_model
+        model, tokenizer = load_model(args.model, placement["dtype"])
+        check_finite_weights(model, args.model)  # before the perplexity (api.compress checks only after it)
+        ppl_before = _perplexity(model, tokenizer, progress, "before", placement)
+    result = api.compress(model, tokenizer=tokenizer, progress=progress, out=None if args.eval else args.out,
+                          overwrite=args.overwrite, **_compress_options(args), **placement)
+    result.report.model = args.model or api.DEFAULT_MODEL
+    if args.eval:
+        _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress, placement)
+    else:
+        print(result.report.to_text())
+        print(f"wrote {args.out}")
 
-            model, tokenizer = load_model(args.model)
-            check_finite_weights(model, args.model)  # before the perplexity (api.compress checks only after it)
-            ppl_before = _perplexity(model, tokenizer, progress, "before")
-        result = api.compress(model, bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
-                              **_given(args, PLANNER_FLAGS), n_low=args.n_low, options=args.options,
-                              uniform=args.uniform, prune=args.prune, prune_block=args.prune_block,
-                              prune_scorer=prune_scorer, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp,
-                              tie=args.tie, tie_mode=args.tie_mode, tokenizer=tokenizer,
-                              calib=args.calib, calib_windows=args.calib_windows, calib_len=args.calib_len,
-                              progress=progress, out=None if args.eval else args.out, overwrite=args.overwrite,
-                              stream=args.stream, resume=args.resume)
-        result.report.model = args.model or api.DEFAULT_MODEL
-        if args.eval:
-            _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress)
-        else:
-            print(result.report.to_text())
-            print(f"wrote {args.out}")
-    elif args.command == "export":
-        from layerwise.export import export_checkpoint
 
-        export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
-        print(f"wrote {args.out} ({args.format})")
-    elif args.command == "eval":
-        if args.json:
-            _check_json_out(args.json, args.overwrite)
-        from layerwise.eval import evaluate
+def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`api.compress`'s keyword arguments from the flags: the default budget when none is given, and
+    --scorer choosing what to prune (the layers left then allocated by --bits-scorer) under --prune."""
+    structural = bool(args.prune or args.drop_attn or args.drop_mlp or args.tie)
+    bits = args.bits
+    if bits is None and args.n_low is None and args.uniform is None and not structural:
+        bits = DEFAULT_BITS
+    scorer, prune_scorer = args.scorer, None
+    if args.prune:
+        scorer, prune_scorer = args.bits_scorer, args.scorer
+    # Planner settings left unset are None: "not given" (a planner refuses a setting it does not take).
+    return dict(bits=bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
+                group_size=args.group_size, high=args.high, low=args.low, sym=args.sym, order=args.order,
+                seed=args.seed, n_low=args.n_low, options=args.options, uniform=args.uniform, prune=args.prune,
+                prune_block=args.prune_block, prune_scorer=prune_scorer, drop_attn=args.drop_attn,
+                drop_mlp=args.drop_mlp, tie=args.tie, tie_mode=args.tie_mode, calib=args.calib,
+                calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume)
 
-        result = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=_limit(args.limit),
-                          num_fewshot=args.num_fewshot, protocol=_protocol(args.max_tokens, args.window),
-                          include_path=args.include_path, progress=progress)
-        _print_eval(result)
-        if args.json:
-            result.save(args.json)
-            print(f"wrote {args.json}")
-    elif args.command == "report":
-        from layerwise.eval import report
 
-        entries = report(args.inputs, args.out, tasks=args.tasks, results=args.results, batch_size=args.batch_size,
-                         limit=_limit(args.limit), protocol=_protocol(args.max_tokens, args.window),
-                         include_path=args.include_path, overwrite=args.overwrite, progress=progress)
-        for entry in entries:
-            bits = "" if entry.avg_bits is None else f", {entry.avg_bits:.3f} bits"
-            ppl = entry.eval.perplexity if entry.eval else None
-            print(f"{entry.name}: {entry.size_bytes / 2**20:.1f} MiB{bits}"
-                  + ("" if ppl is None else f", perplexity {ppl:.3f}"))
-        print(f"wrote {args.out} (report.md, results.json, per_layer.png, ppl_vs_size.png)")
+def _run_export(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({args.format})")
+
+
+def _run_eval(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise.eval import evaluate
+    from layerwise.paths import check_not_inside
+
+    placement = _placement(args)
+    if args.json:
+        check_not_inside(args.json, [args.model], "model or checkpoint")
+        _check_json_out(args.json, args.overwrite)
+    result = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=_limit(args.limit),
+                      num_fewshot=args.num_fewshot, protocol=_protocol(args.max_tokens, args.window),
+                      include_path=args.include_path, progress=progress, **placement)
+    _print_eval(result)
+    if args.json:
+        result.save(args.json)
+        print(f"wrote {args.json}")
+
+
+def _run_report(args: argparse.Namespace, progress: bool) -> None:
+    from layerwise.eval import report
+
+    entries = report(args.inputs, args.out, tasks=args.tasks, results=args.results, batch_size=args.batch_size,
+                     limit=_limit(args.limit), protocol=_protocol(args.max_tokens, args.window),
+                     include_path=args.include_path, overwrite=args.overwrite, progress=progress)
+    for entry in entries:
+        bits = "" if entry.avg_bits is None else f", {entry.avg_bits:.3f} bits"
+        ppl = entry.eval.perplexity if entry.eval else None
+        print(f"{entry.name}: {entry.size_bytes / 2**20:.1f} MiB{bits}"
+              + ("" if ppl is None else f", perplexity {ppl:.3f}"))
+    print(f"wrote {args.out} (report.md, results.json, per_layer.png, ppl_vs_size.png)")
+
+
+# name -> (help, adds its flags, runs it)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace, bool], None]]] = {
+    "score": ("score the importance of every decoder layer", _add_score_parser, _run_score),
+    "plan": ("turn scores and a budget into a per-layer plan", _add_plan_parser, _run_plan),
+    "apply": ("quantize a model as a plan says and write a checkpoint", _add_apply_parser, _run_apply),
+    "compress": ("score, plan and apply in one step", _add_compress_parser, _run_compress),
+    "export": ("write a checkpoint in a format other loaders read", _add_export_parser, _run_export),
+    "eval": ("perplexity and lm-eval tasks of a model or checkpoint", _add_eval_parser, _run_eval),
+    "report": ("compare the original model and compressed checkpoints (Markdown + plots)", _add_report_parser,
+               _run_report),
+}
 
 
 def _limit(value: float | None) -> int | float | None:

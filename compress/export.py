@@ -23,6 +23,7 @@ import layerwise.export_quanto  # noqa: F401
 from layerwise.checkpoint import Checkpoint, atomic_dir, check_output_dir, load_checkpoint, read_meta
 from layerwise.export_common import EXPORTERS, Exporter, refuse, structure_blockers
 from layerwise.loading import quiet_transformers
+from layerwise.paths import check_not_inside
 from layerwise.types import Plan
 
 
@@ -59,6 +60,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, fmt: str 
     Refuses, before writing anything, what `fmt` cannot hold exactly: first from layerwise.json (ties,
     dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express).
     """
+    check_not_inside(out, [path], "checkpoint")
     exporter = EXPORTERS.get(fmt)
     plan = Plan.from_dict(read_meta(path)["plan"])
     blockers = exporter.blockers(plan)

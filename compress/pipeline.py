@@ -116,9 +116,7 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
     state = _Run(recipe, source, sink, PhaseClock(progress), scores=scores)
     try:
         with state.clock.phase("load", source.name if isinstance(source, StreamedSource) else ""):
-            dtype = resolve_dtype(recipe.dtype, device, source.checkpoint_dtype())
-            source.open(dtype)
-        state.placement = placement_for(device, dtype)
+            state.placement = open_placed(source, device, recipe.dtype)
         if recipe.plan is not None:
             check_plan_fits(recipe.plan, source.model)
         state.shapes = layer_linear_shapes(source.model)
@@ -133,6 +131,15 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         raise
     finally:
         sink.close()
+
+
+def open_placed(source: Source, device: str | torch.device, dtype: str | None) -> Placement | None:
+    """Open `source` in the dtype a run on `device` uses (`dtype`, else the default for that device);
+    the run's placement (None: the CPU in float32)."""
+    device = resolve_device(device)
+    resolved = resolve_dtype(dtype, device, source.checkpoint_dtype())
+    source.open(resolved)
+    return placement_for(device, resolved)
 
 
 def _compress(state: _Run, progress: bool) -> CompressResult:

@@ -152,6 +152,9 @@ def make_plan(
     planner's default applies, and an argument given to a planner that does not take it is refused.
     `planner` defaults to `optimal` when the scores carry measured damage per option, else `lwq`.
     """
+    from layerwise.validate import check_numbers
+
+    check_numbers(bits=bits, high=high, low=low, group_size=group_size, seed=seed, n_low=n_low)
     planner_cls = PLANNERS.get(planner or ("optimal" if scores.option_damage else "lwq"))
     if method is not None:
         from layerwise.quant import QUANTIZERS

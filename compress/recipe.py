@@ -53,8 +53,8 @@ class Recipe:
     prune_scorer: str | None = None
     calibration: Calibration = field(default_factory=Calibration)
     plan: Plan | None = None  # given (`layerwise apply`): no scoring or planning
-    device: str = "cpu"
-    dtype: str | None = None
+    device: str = "auto"
+    dtype: str | None = None  # None: the checkpoint's own on a GPU, float32 on the CPU
 
     def __post_init__(self) -> None:
         unknown = [k for k, _ in self.planner_args if k not in PLANNER_ARGS]

@@ -106,9 +106,12 @@ def report(
     """Compare `inputs` (checkpoint dirs, model dirs, aliases; None is the default model) and write the
     report to the directory `out`. Inputs with a results JSON in `results` are not evaluated again."""
     from layerwise.checkpoint import atomic_dir, check_output_dir
+    from layerwise.paths import check_not_inside
 
     if not inputs:
         raise LayerwiseError("nothing to compare; give at least one model or checkpoint")
+    check_not_inside(out, inputs, "model or checkpoint")
+    check_not_inside(out, results, "results file")
     out = check_output_dir(out, overwrite)
     _check_plotting()
     entries = [describe(spec) for spec in inputs]

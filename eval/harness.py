@@ -40,7 +40,8 @@ from layerwise.errors import LayerwiseError
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 from layerwise.eval.results import PPL_TASK, EvalResult
 from layerwise.eval.wiki_tasks import OFFLINE_TASKS
-from layerwise.placement import Placement, sequential_onload
+from layerwise.placement import Placement, placement_for, sequential_onload
+from layerwise.validate import check_numbers
 
 LM_EVAL_INSTALL = "pip install 'layerwise[eval]'"
 # Loglikelihood requests per forward. 24 wiki_mc items on the default model, 2 CPU cores shared with other
@@ -75,7 +76,8 @@ def evaluate(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     model_name: str | None = None,
     progress: bool = True,
-    placement: Placement | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> EvalResult:
     """Evaluate `model` on `tasks` and return an `EvalResult` (``.to_dict()`` is the schema-1 JSON).
 
@@ -86,12 +88,25 @@ def evaluate(
     (``wiki_ppl``) and ``ppl`` score one window at a time.
     `limit` caps the documents per lm-eval task (an int, or a fraction below 1); for quick checks only.
     `include_path`: directories of the user's own lm-eval task YAMLs.
-    `placement`: run the forwards on its device in its dtype, the weights staying where they are
-    (`layerwise.placement.sequential_onload`); None runs them where the model is.
+    `device` (auto, cpu, cuda, cuda:N) and `dtype` (float32, bfloat16, float16; default: the model's own on a
+    GPU, float32 on the CPU): where the forwards run, one decoder layer on the device at a time when the
+    model does not fit there (`layerwise.placement.sequential_onload`); the weights stay where they are.
     """
+    placement = _placement(device, dtype, model)
     evaluator = Evaluator(tasks, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, protocol=protocol,
                           include_path=include_path)
     return evaluator(model, tokenizer=tokenizer, model_name=model_name, progress=progress, placement=placement)
+
+
+def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None, model: Any) -> Placement | None:
+    """The placement of the evaluation's forwards (None: the CPU in float32, where the model is)."""
+    from layerwise.device import checkpoint_dtype, resolve_device, resolve_dtype
+
+    resolved = resolve_device(device)
+    own = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
+    if own is None and isinstance(model, str | os.PathLike) and Path(model).is_dir():
+        own = checkpoint_dtype(model)
+    return placement_for(resolved, resolve_dtype(dtype, resolved, own))
 
 
 class Evaluator:
@@ -118,6 +133,7 @@ class Evaluator:
             raise LayerwiseError(f"limit must be positive, got {limit}")
         if num_fewshot is not None and num_fewshot < 0:
             raise LayerwiseError(f"num_fewshot must be 0 or more, got {num_fewshot}")
+        check_numbers(batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)  # NaN, inf, non-integers
         self.batch_size, self.limit, self.num_fewshot, self.protocol = batch_size, limit, num_fewshot, protocol
         harness_tasks = [n for n in self.tasks if n != PPL_TASK]
         self.session = _HarnessSession(harness_tasks, include_path) if harness_tasks else None

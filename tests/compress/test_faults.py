@@ -426,3 +426,105 @@ def test_full_filesystem_writing_a_json_output(tmp_path, monkeypatch):
     with pytest.raises(LayerwiseError, match="cannot write .*plan.json: the filesystem is full"):
         Plan([LayerAction(0, "keep")]).save(tmp_path / "plan.json")
     assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- output inside the input
+
+
+def tree(root: Path) -> dict[str, str]:
+    """`digest` of everything under `root`, hidden files and directories included (empty ones as "dir")."""
+    return {**{str(p.relative_to(root)): "dir" for p in root.rglob("*") if p.is_dir()}, **digest(root)}
+
+
+@pytest.fixture(scope="module")
+def shared_ckpt(tmp_path_factory):
+    model = tiny_model("llama", n_layers=4)
+    result = layerwise.compress(model, None, uniform=4, method="rtn", group_size=32, progress=False)
+    return Path(layerwise.save(result, tmp_path_factory.mktemp("shared") / "ckpt"))
+
+
+@pytest.fixture
+def overlap_inputs(model_dir, shared_ckpt, tmp_path, monkeypatch):
+    """A model, a checkpoint, scores, a plan, the default model's cache directory and a symlink to the model."""
+    from layerwise.cache import ENV_VAR
+    from layerwise.types import LayerAction, LayerScores, Plan
+
+    shutil.copytree(shared_ckpt, tmp_path / "ckpt")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
+    default = tmp_path / "cache" / "models" / "smollm2-135m"
+    default.mkdir(parents=True)
+    (default / "config.json").write_text("{}")
+    LayerScores("lim", [0.1, 0.2, 0.3, 0.4], [{"q": (64, 64)}] * 4).save(tmp_path / "scores.json")
+    Plan([LayerAction(i, "quantize", 4, 32) for i in range(4)]).save(tmp_path / "plan.json")
+    (tmp_path / "link").symlink_to(model_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("layerwise.loading.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    return tmp_path
+
+
+OVERLAPS = [  # argv (paths relative to the test's directory), what the message says
+    (["compress", "model", *UNIFORM, "--out", "model", "--overwrite"], "output model is the input model"),
+    (["compress", "model", *UNIFORM, "--out", "model/compressed"],
+     "output model/compressed lies inside the input model"),
+    (["compress", "model", *UNIFORM, "--out", ".", "--overwrite"], "output . contains the input model"),
+    (["compress", "link", *UNIFORM, "--out", "model", "--overwrite"], "output model is the input model"),
+    (["compress", "model", *UNIFORM, "--out", "link", "--overwrite"], "output link is the input model"),
+    (["compress", "model", *UNIFORM, "--out", "model/../model", "--overwrite"], "is the input model"),
+    (["compress", *UNIFORM, "--out", "cache/models/smollm2-135m", "--overwrite"], "is the input model"),
+    (["compress", "smollm2-135m", *UNIFORM, "--out", "cache", "--overwrite"], "contains the input model"),
+    (["apply", "model", "--plan", "plan.json", "--out", "model", "--overwrite"], "is the input model"),
+    (["apply", "model", "--plan", "plan.json", "--out", "plan.json", "--overwrite"], "is the input plan file"),
+    (["score", "model", "--json", "model/config.json", "--overwrite"], "lies inside the input model"),
+    (["score", "model", "--json", "model/scores.json"], "lies inside the input model"),
+    (["plan", "--scores", "scores.json", "--bits", "3", "--out", "scores.json", "--overwrite"],
+     "is the input scores file"),
+    (["export", "ckpt", "--out", "ckpt", "--overwrite"], "is the input checkpoint"),
+    (["export", "ckpt", "--out", "ckpt/hf"], "lies inside the input checkpoint"),
+    (["eval", "ckpt", "--json", "ckpt/layerwise.json", "--overwrite"], "lies inside the input model or checkpoint"),
+    (["report", "model", "ckpt", "--out", "ckpt", "--overwrite"], "is the input model or checkpoint"),
+    (["report", "model", "--results", "scores.json", "--out", "scores.json", "--overwrite"],
+     "is the input results file"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), OVERLAPS, ids=[" ".join(a[:1] + a[a.index(next(
+    f for f in a if f in ("--out", "--json"))):]) for a, _ in OVERLAPS])
+def test_output_overlapping_an_input_is_refused_even_with_overwrite(argv, message, overlap_inputs, capsys):
+    before = tree(overlap_inputs)
+    code, out, err = run(*argv, capsys=capsys)
+    assert code == 2 and out == "" and one_line(err), err
+    assert message in err and "choose an output path outside" in err
+    assert tree(overlap_inputs) == before  # inputs unchanged, nothing new written anywhere
+
+
+def test_output_beside_the_input_is_fine(overlap_inputs, capsys, monkeypatch):
+    monkeypatch.undo()  # the real loader
+    code, _, err = run("compress", overlap_inputs / "model", *UNIFORM, "--out", overlap_inputs / "model-4bit",
+                       capsys=capsys)
+    assert code == 0, err
+
+
+def test_api_refuses_outputs_overlapping_the_input(model_dir, ckpt, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerwise.eval import report
+    from layerwise.export import export_checkpoint
+
+    before = tree(tmp_path)
+    with pytest.raises(LayerwiseError, match="is the input model"):
+        layerwise.compress(str(model_dir), None, uniform=4, method="rtn", out=model_dir, overwrite=True)
+    with pytest.raises(LayerwiseError, match="is the input checkpoint"):
+        export_checkpoint(ckpt, ckpt, "hf", overwrite=True)
+    with pytest.raises(LayerwiseError, match="contains the input model or checkpoint"):
+        report([ckpt], tmp_path, overwrite=True)
+    assert tree(tmp_path) == before
+    # save() knows the input from the model's config (_name_or_path) and from the report
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = layerwise.compress(model, None, uniform=4, method="rtn", group_size=32,
+                                tokenizer=AutoTokenizer.from_pretrained(model_dir), progress=False)
+    with pytest.raises(LayerwiseError, match="lies inside the input model"):
+        layerwise.save(result, model_dir / "ckpt")
+    result = layerwise.compress(str(model_dir), None, uniform=4, method="rtn", group_size=32, progress=False)
+    with pytest.raises(LayerwiseError, match="is the input model"):
+        layerwise.save(result, model_dir, overwrite=True)
+    assert tree(tmp_path) == before
