@@ -18,7 +18,7 @@ from pathlib import Path
 import layerwise
 import layerwise.api as api
 import layerwise.importance.sensitivity as sensitivity
-from layerwise.loading import load_model
+from layerwise.model.loading import load_model
 
 
 class PhaseMemory:

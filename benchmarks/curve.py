@@ -36,13 +36,13 @@ import safetensors.torch
 import torch
 
 from layerwise.api import make_plan
-from layerwise.applier import apply_plan
-from layerwise.data import DEFAULT_CALIB_LEN, calibration_windows, load_text, token_windows
+from layerwise.core.types import LayerScores, Plan
+from layerwise.data.corpora import DEFAULT_CALIB_LEN, calibration_windows, load_text, token_windows
+from layerwise.engine.applier import apply_plan
 from layerwise.eval import DEFAULT_PROTOCOL, perplexity_on_windows
 from layerwise.importance import score_model
-from layerwise.loading import load_model
-from layerwise.planners import uniform_plan
-from layerwise.types import LayerScores, Plan
+from layerwise.model.loading import load_model
+from layerwise.planning.planners import uniform_plan
 
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0, 4.25)
 OPTIONS = "2:128,3:128,4:128,8:128"

@@ -3,7 +3,7 @@
 Builds a llama with Llama-3.1-8B's shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
 128256) but only `--layers` decoder layers (4 by default), with random bf16 weights made on this machine,
 and calibrates on random token windows: no network, tokenizer or corpus. The weights stay on the CPU;
-each decoder layer's work runs on `--device` through a `layerwise.placement.Placement` (the lower-level
+each decoder layer's work runs on `--device` through a `layerwise.model.placement.Placement` (the lower-level
 functions are called directly, not `layerwise.compress`). Two runs, each on a freshly built model:
 
 * ``gptq``: GPTQ, every layer at 4 bits, group 128 (`uniform_plan` + `apply_plan`) on `--windows`
@@ -115,7 +115,7 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
 
 
 def model_facts(model: nn.Module) -> dict[str, Any]:
-    from layerwise.models import decoder_layers
+    from layerwise.model.adapter import decoder_layers
 
     layer = decoder_layers(model)[0]
     total = sum(p.numel() for p in model.parameters())
@@ -203,9 +203,9 @@ def timed_sensitivity(clock: Clock, log: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------- the runs
 def run_gptq(args, placement, windows, clock: Clock) -> dict[str, Any]:
-    from layerwise.applier import apply_plan
-    from layerwise.models import layer_linear_shapes
-    from layerwise.planners import uniform_plan
+    from layerwise.engine.applier import apply_plan
+    from layerwise.model.adapter import layer_linear_shapes
+    from layerwise.planning.planners import uniform_plan
 
     model = build_model(args, placement.dtype, placement.device)
     facts = model_facts(model)
@@ -224,10 +224,10 @@ def run_gptq(args, placement, windows, clock: Clock) -> dict[str, Any]:
 
 
 def run_sensitivity(args, placement, windows, clock: Clock) -> dict[str, Any]:
-    from layerwise.applier import apply_plan
+    from layerwise.engine.applier import apply_plan
     from layerwise.importance import score_model
-    from layerwise.optimal import OptimalConfig
-    from layerwise.planners import PLANNERS
+    from layerwise.planning.optimal import OptimalConfig
+    from layerwise.planning.planners import PLANNERS
 
     model = build_model(args, placement.dtype, placement.device)
     log: dict[str, Any] = {}
@@ -301,7 +301,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from layerwise.placement import Placement
+    from layerwise.model.placement import Placement
 
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
     placement = Placement.of(args.device, args.dtype, offload)

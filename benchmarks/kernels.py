@@ -169,7 +169,7 @@ def decode_tokens_per_second(model, inputs: dict, new_tokens: int, repeats: int)
 
 def decode_rows(new_tokens: int, repeats: int) -> dict:
     import layerwise
-    from layerwise.loading import load_model
+    from layerwise.model.loading import load_model
 
     base, tokenizer = load_model("smollm2-135m")
     inputs = tokenizer("The history of the printing press", return_tensors="pt").to("cuda")

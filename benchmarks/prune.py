@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 
 from layerwise.api import apply
-from layerwise.applier import apply_structure
-from layerwise.budget import average_bits
-from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.core.budget import average_bits
+from layerwise.core.types import LayerAction, LayerScores, Plan
+from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.engine.applier import apply_structure
 from layerwise.eval import DEFAULT_PROTOCOL, perplexity
 from layerwise.importance import score_model
-from layerwise.loading import load_model
-from layerwise.models import layer_linear_shapes
-from layerwise.planners import uniform_plan
-from layerwise.structure import StructureConfig, plan_structure
-from layerwise.types import LayerAction, LayerScores, Plan
+from layerwise.model.adapter import layer_linear_shapes
+from layerwise.model.loading import load_model
+from layerwise.planning.planners import uniform_plan
+from layerwise.planning.structure import StructureConfig, plan_structure
 
 MAX_REMOVED = 10
 CURVES = ("lim", "angular", "angular-block", "ppl_drop", "tie-first", "tie-average")

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 from layerwise.api import make_plan
-from layerwise.applier import apply_plan
-from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS, calibration_windows
+from layerwise.engine.applier import apply_plan
 from layerwise.eval import DEFAULT_PROTOCOL, perplexity
 from layerwise.importance import score_model
-from layerwise.loading import load_model
-from layerwise.planners import uniform_plan
+from layerwise.model.loading import load_model
+from layerwise.planning.planners import uniform_plan
 
 PAIRS = ((4, 2), (4, 3), (8, 4))
 FRACTIONS = (0.25, 0.5)

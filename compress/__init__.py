@@ -5,7 +5,7 @@
     layerwise.save(result, "smollm2-3.25b")
     ckpt = layerwise.load("smollm2-3.25b")
 
-The public API is imported lazily so that `layerwise --help` and `import layerwise.types` stay fast.
+The public API is imported lazily so that `layerwise --help` and `import layerwise.core.types` stay fast.
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ _LAZY = {
     "apply": "layerwise.api",
     "CompressResult": "layerwise.api",
     "save": "layerwise.api",
-    "load": "layerwise.checkpoint",
-    "LayerwiseError": "layerwise.errors",
-    "LayerScores": "layerwise.types",
-    "LayerAction": "layerwise.types",
-    "Plan": "layerwise.types",
-    "QuantSpec": "layerwise.types",
+    "load": "layerwise.output.checkpoint",
+    "LayerwiseError": "layerwise.core.errors",
+    "LayerScores": "layerwise.core.types",
+    "LayerAction": "layerwise.core.types",
+    "Plan": "layerwise.core.types",
+    "QuantSpec": "layerwise.core.types",
 }
 _RENAMED = {"load": "load_checkpoint"}
 
 if TYPE_CHECKING:
     from layerwise.api import CompressResult, apply, compress, make_plan, save, score
-    from layerwise.checkpoint import load_checkpoint as load
-    from layerwise.errors import LayerwiseError
-    from layerwise.types import LayerAction, LayerScores, Plan, QuantSpec
+    from layerwise.core.errors import LayerwiseError
+    from layerwise.core.types import LayerAction, LayerScores, Plan, QuantSpec
+    from layerwise.output.checkpoint import load_checkpoint as load
 
 __all__ = [
     "CompressResult", "LayerAction", "LayerScores", "LayerwiseError", "Plan", "QuantSpec",

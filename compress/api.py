@@ -8,20 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.checkpoint import save_checkpoint
-from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerScores, Plan
+from layerwise.core.validate import check_numbers
+from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
+from layerwise.engine.pipeline import CompressResult, calibration, open_placed, run
+from layerwise.engine.recipe import DEFAULT_METHOD, DEFAULT_SCORER, TOKEN_WINDOWS, Calibration, Recipe
+from layerwise.engine.sinks import MemorySink, WorkDirSink
+from layerwise.engine.sources import ResidentSource, StreamedSource
 from layerwise.importance import SCORERS, score_model
-from layerwise.loading import model_name, resolve_model_path
-from layerwise.pipeline import CompressResult, calibration, open_placed, run
-from layerwise.planners import make_plan
-from layerwise.recipe import DEFAULT_METHOD, DEFAULT_SCORER, TOKEN_WINDOWS, Calibration, Recipe
-from layerwise.sinks import MemorySink, WorkDirSink
-from layerwise.sources import ResidentSource, StreamedSource
-from layerwise.paths import check_not_inside
-from layerwise.structure import TIE_MODES, StructureConfig
-from layerwise.types import LayerScores, Plan
-from layerwise.validate import check_numbers
+from layerwise.model.loading import model_name, resolve_model_path
+from layerwise.output.checkpoint import save_checkpoint
+from layerwise.output.paths import check_not_inside
+from layerwise.planning.planners import make_plan
+from layerwise.planning.structure import TIE_MODES, StructureConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 __all__ = ["DEFAULT_MODEL", "CompressResult", "apply", "compress", "make_plan", "save", "score"]
@@ -141,7 +141,7 @@ def compress(
     (default 128). The planner arguments (`group_size`, `high`, `low`, `sym`, `order`, `seed`, `n_low`,
     `options`) left at None are not given: the planner uses its own defaults, and refuses one it does not take.
 
-    Structure (layerwise.structure): `prune` layers (chosen by `prune_scorer`, default
+    Structure (layerwise.planning.structure): `prune` layers (chosen by `prune_scorer`, default
     `DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop
     `drop_attn` attention and `drop_mlp` MLP sub-layers (`sublayer` scorer), `tie` layers to their
     neighbours (`tie` scorer; `tie_mode` first or average). These happen first; the layers left are then
@@ -149,7 +149,7 @@ def compress(
     all when `bits` and `uniform` are None.
 
     `out`: also write the checkpoint there (as `save`; `overwrite` replaces an existing one). With `out`
-    and a model given by path, `stream` picks streaming compression (layerwise.streaming: one decoder
+    and a model given by path, `stream` picks streaming compression (layerwise.engine.streaming: one decoder
     layer in memory at a time, each written out as it finishes; the returned result's `model` is then
     None, load the checkpoint with `layerwise.load`): True forces it, False forbids it, None (default)
     streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory available. `resume`
@@ -204,7 +204,7 @@ def _streams(model_or_path: nn.Module | str | None, out: str | os.PathLike | Non
     if stream is None and not resume:
         if out is None:
             return None
-        from layerwise.streaming import should_stream
+        from layerwise.engine.streaming import should_stream
 
         wanted, why = should_stream(resolve_model_path(model_or_path))
         if not wanted:

@@ -13,14 +13,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from layerwise.data import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
-from layerwise.device import DTYPE_ALIASES, DTYPES
-from layerwise.errors import LayerwiseError
-from layerwise.export import EXPORT_FORMATS
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.validate import parse_number
+from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
-from layerwise.planners import ORDERS, LwqConfig
-from layerwise.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
-from layerwise.validate import parse_number
+from layerwise.model.device import DTYPE_ALIASES, DTYPES
+from layerwise.output.export import EXPORT_FORMATS
+from layerwise.planning.planners import ORDERS, LwqConfig
+from layerwise.planning.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -28,7 +28,7 @@ DEFAULT_BITS = 3.25
 
 
 def _number(name: str) -> Callable[[str], int | float]:
-    """An argparse ``type=`` reading a flag by its rule in `layerwise.validate` (NaN, infinities and
+    """An argparse ``type=`` reading a flag by its rule in `layerwise.core.validate` (NaN, infinities and
     out-of-range values refused in one line naming the flag, what is allowed and an example)."""
 
     def convert(text: str) -> int | float:
@@ -135,7 +135,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def _names(kind: str) -> str:
     """The registered names of one kind, so the help lists exactly what the API accepts."""
     from layerwise.importance import SCORERS
-    from layerwise.planners import PLANNERS
+    from layerwise.planning.planners import PLANNERS
     from layerwise.quant import QUANTIZERS
 
     registry = {"scorer": SCORERS, "planner": PLANNERS, "method": QUANTIZERS}[kind]
@@ -258,7 +258,7 @@ def _protocol(max_tokens: int | None = None, window: int | None = None):
 
 
 def _check_json_out(path: str, overwrite: bool) -> None:
-    from layerwise.checkpoint import check_writable
+    from layerwise.output.checkpoint import check_writable
 
     if Path(path).exists() and not overwrite:
         raise LayerwiseError(f"output {path} already exists; choose another path or pass --overwrite")
@@ -269,7 +269,7 @@ def _check_json_out(path: str, overwrite: bool) -> None:
 
 def _perplexity(model, tokenizer, progress: bool, label: str, placement: dict[str, Any]) -> float:
     from layerwise.eval import DEFAULT_PROTOCOL, perplexity
-    from layerwise.placement import placement_for
+    from layerwise.model.placement import placement_for
 
     result = perplexity(model, tokenizer, DEFAULT_PROTOCOL, progress=progress,
                         placement=placement_for(placement["device"], placement["dtype"]))
@@ -298,8 +298,8 @@ def run(args: argparse.Namespace) -> None:
 def _placement(args: argparse.Namespace) -> dict[str, Any]:
     """--device and --dtype resolved and checked (before anything is loaded); the keyword arguments that
     pass them on, which are none for the CPU in float32 (the API's defaults)."""
-    from layerwise.device import checkpoint_dtype, resolve_device, resolve_dtype
-    from layerwise.paths import input_path
+    from layerwise.model.device import checkpoint_dtype, resolve_device, resolve_dtype
+    from layerwise.output.paths import input_path
 
     device = resolve_device(args.device)
     source = input_path(args.model) if args.dtype is None and device.type != "cpu" else None
@@ -309,7 +309,7 @@ def _placement(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_score(args: argparse.Namespace, progress: bool) -> None:
     from layerwise import api
-    from layerwise.paths import check_not_inside
+    from layerwise.output.paths import check_not_inside
 
     placement = _placement(args)
     check_not_inside(args.json, [args.model])
@@ -325,8 +325,8 @@ def _run_score(args: argparse.Namespace, progress: bool) -> None:
 
 def _run_plan(args: argparse.Namespace, progress: bool) -> None:
     from layerwise import api
-    from layerwise.paths import check_not_inside
-    from layerwise.types import LayerScores
+    from layerwise.core.types import LayerScores
+    from layerwise.output.paths import check_not_inside
 
     check_not_inside(args.out, [args.scores], "scores file")
     _check_json_out(args.out, args.overwrite)
@@ -341,12 +341,12 @@ def _run_plan(args: argparse.Namespace, progress: bool) -> None:
 
 def _run_apply(args: argparse.Namespace, progress: bool) -> None:
     from layerwise import api
-    from layerwise.applier import check_plan_fits
-    from layerwise.checkpoint import check_output_dir
-    from layerwise.loading import load_model
-    from layerwise.models import check_finite_weights
-    from layerwise.paths import check_not_inside
-    from layerwise.types import Plan
+    from layerwise.core.types import Plan
+    from layerwise.engine.applier import check_plan_fits
+    from layerwise.model.adapter import check_finite_weights
+    from layerwise.model.loading import load_model
+    from layerwise.output.checkpoint import check_output_dir
+    from layerwise.output.paths import check_not_inside
 
     placement = _placement(args)
     check_not_inside(args.out, [args.model])
@@ -366,8 +366,8 @@ def _run_apply(args: argparse.Namespace, progress: bool) -> None:
 
 def _run_compress(args: argparse.Namespace, progress: bool) -> None:
     from layerwise import api
-    from layerwise.checkpoint import check_output_dir
-    from layerwise.paths import check_not_inside
+    from layerwise.output.checkpoint import check_output_dir
+    from layerwise.output.paths import check_not_inside
 
     placement = _placement(args)
     check_not_inside(args.out, [args.model])
@@ -377,8 +377,8 @@ def _run_compress(args: argparse.Namespace, progress: bool) -> None:
                              "checkpoint afterwards with `layerwise eval`")
     model, tokenizer, ppl_before = args.model, None, None
     if args.eval:
-        from layerwise.loading import load_model
-        from layerwise.models import check_finite_weights
+        from layerwise.model.adapter import check_finite_weights
+        from layerwise.model.loading import load_model
 
         model, tokenizer = load_model(args.model, placement["dtype"])
         check_finite_weights(model, args.model)  # before the perplexity (api.compress checks only after it)
@@ -413,7 +413,7 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_export(args: argparse.Namespace, progress: bool) -> None:
-    from layerwise.export import export_checkpoint
+    from layerwise.output.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.format})")
@@ -421,7 +421,7 @@ def _run_export(args: argparse.Namespace, progress: bool) -> None:
 
 def _run_eval(args: argparse.Namespace, progress: bool) -> None:
     from layerwise.eval import evaluate
-    from layerwise.paths import check_not_inside
+    from layerwise.output.paths import check_not_inside
 
     placement = _placement(args)
     if args.json:

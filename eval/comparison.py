@@ -6,13 +6,13 @@ for checkpoints the per-layer plan (bits, pruned, tied, dropped sub-layers) with
 it was planned from. Scores come from evaluating each input on `tasks`, unless a results JSON written by
 ``layerwise eval --json`` is given for it (matched by the model it names).
 
-The output directory holds ``report.md``, ``results.json`` (``format: layerwise.report``, schema 1: the
+The output directory holds ``report.md``, ``results.json`` (``format: layerwise.output.report``, schema 1: the
 per-input facts and each input's full eval result), ``per_layer.png`` (per checkpoint, importance per
 layer as bars coloured by the bits allocated; pruned and tied layers hatched) and ``ppl_vs_size.png``
 (perplexity, and each task's main metric, against size on disk). It is written to a hidden temporary
 directory and renamed into place, so a failed run leaves nothing under the name.
 
-Average bits follow the budget's accounting (`layerwise.budget`): bits per decoder linear weight
+Average bits follow the budget's accounting (`layerwise.core.budget`): bits per decoder linear weight
 including scale/zero overhead, a kept layer at 16; the original model therefore shows 16 whatever dtype
 its files hold (its size on disk tells that).
 """
@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol
 from layerwise.eval.results import LOWER_IS_BETTER, PPL_TASK, EvalResult
 
-REPORT_FORMAT = "layerwise.report"
+REPORT_FORMAT = "layerwise.output.report"
 REPORT_SCHEMA_VERSION = 1
 FILES = ("report.md", "results.json", "per_layer.png", "ppl_vs_size.png")
 PLOT_INSTALL = "pip install 'layerwise[eval]'"
@@ -105,8 +105,8 @@ def report(
 ) -> list[ReportEntry]:
     """Compare `inputs` (checkpoint dirs, model dirs, aliases; None is the default model) and write the
     report to the directory `out`. Inputs with a results JSON in `results` are not evaluated again."""
-    from layerwise.checkpoint import atomic_dir, check_output_dir
-    from layerwise.paths import check_not_inside
+    from layerwise.output.checkpoint import atomic_dir, check_output_dir
+    from layerwise.output.paths import check_not_inside
 
     if not inputs:
         raise LayerwiseError("nothing to compare; give at least one model or checkpoint")
@@ -139,8 +139,8 @@ def report(
 
 def describe(spec: str | os.PathLike | None) -> ReportEntry:
     """Everything about one input that needs no model loaded: kind, path, size, bits, per-layer plan."""
-    from layerwise.checkpoint import is_checkpoint, read_meta
-    from layerwise.loading import model_name, resolve_model_path
+    from layerwise.model.loading import model_name, resolve_model_path
+    from layerwise.output.checkpoint import is_checkpoint, read_meta
 
     source = "" if spec is None else str(spec)
     if source and is_checkpoint(source):
@@ -155,7 +155,7 @@ def describe(spec: str | os.PathLike | None) -> ReportEntry:
             f"directory {source} is not a Hugging Face model (no config.json) nor a layerwise checkpoint (no "
             "layerwise.json); pass checkpoints written by `layerwise compress` or model directories"
         )
-    from layerwise.budget import KEEP_BITS
+    from layerwise.core.budget import KEEP_BITS
 
     path = resolve_model_path(source or None)
     return ReportEntry(name=model_name(source or None).rstrip("/").split("/")[-1], source=source, kind="model",
@@ -163,7 +163,7 @@ def describe(spec: str | os.PathLike | None) -> ReportEntry:
 
 
 def _layers(meta: dict[str, Any]) -> tuple[list[LayerEntry], str | None]:
-    from layerwise.types import Plan
+    from layerwise.core.types import Plan
 
     plan = Plan.from_dict(meta["plan"])
     report_rows = {r.get("layer"): r for r in (meta.get("report") or {}).get("rows", [])}

@@ -36,12 +36,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.validate import check_numbers
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 from layerwise.eval.results import PPL_TASK, EvalResult
 from layerwise.eval.wiki_tasks import OFFLINE_TASKS
-from layerwise.placement import Placement, placement_for, sequential_onload
-from layerwise.validate import check_numbers
+from layerwise.model.placement import Placement, placement_for, sequential_onload
 
 LM_EVAL_INSTALL = "pip install 'layerwise[eval]'"
 # Loglikelihood requests per forward. 24 wiki_mc items on the default model, 2 CPU cores shared with other
@@ -90,7 +90,7 @@ def evaluate(
     `include_path`: directories of the user's own lm-eval task YAMLs.
     `device` (auto, cpu, cuda, cuda:N) and `dtype` (float32, bfloat16, float16; default: the model's own on a
     GPU, float32 on the CPU): where the forwards run, one decoder layer on the device at a time when the
-    model does not fit there (`layerwise.placement.sequential_onload`); the weights stay where they are.
+    model does not fit there (`layerwise.model.placement.sequential_onload`); the weights stay where they are.
     """
     placement = _placement(device, dtype, model)
     evaluator = Evaluator(tasks, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, protocol=protocol,
@@ -100,7 +100,7 @@ def evaluate(
 
 def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None, model: Any) -> Placement | None:
     """The placement of the evaluation's forwards (None: the CPU in float32, where the model is)."""
-    from layerwise.device import checkpoint_dtype, resolve_device, resolve_dtype
+    from layerwise.model.device import checkpoint_dtype, resolve_device, resolve_dtype
 
     resolved = resolve_device(device)
     own = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
@@ -180,7 +180,7 @@ class Evaluator:
 def resolve_model(model: nn.Module | str | None, tokenizer: Any = None,
                   model_name: str | None = None) -> tuple[nn.Module, Any, str, dict[str, Any]]:
     """(model, tokenizer, name for reports, facts about the model) for a module, checkpoint or model name."""
-    from layerwise.loading import model_name as display_name
+    from layerwise.model.loading import model_name as display_name
 
     if isinstance(model, nn.Module):
         if tokenizer is None:
@@ -197,8 +197,8 @@ def load_for_eval(path: str | os.PathLike | None) -> tuple[nn.Module, Any, dict[
     Also returns what reports need: ``kind`` (``checkpoint`` or ``model``), the local ``path`` and, for a
     checkpoint, its ``avg_bits``.
     """
-    from layerwise.checkpoint import is_checkpoint, load_checkpoint
-    from layerwise.loading import load_model, resolve_model_path
+    from layerwise.model.loading import load_model, resolve_model_path
+    from layerwise.output.checkpoint import is_checkpoint, load_checkpoint
 
     if path is not None and is_checkpoint(path):
         ckpt = load_checkpoint(path)

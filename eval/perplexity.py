@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from layerwise.data import load_text, token_windows
-from layerwise.errors import LayerwiseError
-from layerwise.placement import Placement, sequential_onload
+from layerwise.core.errors import LayerwiseError
+from layerwise.data.corpora import load_text, token_windows
+from layerwise.model.placement import Placement, sequential_onload
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def perplexity_on_windows(
 
     `windows` is a LongTensor ``[n, L]``; each window is scored independently (no state carried over).
     The model is put in eval mode for the call (dropout would make the number random) and restored after.
-    With a `placement` the forwards run on its device in its dtype (`layerwise.placement.sequential_onload`).
+    With a `placement` the forwards run on its device in its dtype (`layerwise.model.placement.sequential_onload`).
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise LayerwiseError(f"windows must be a [n, L] tensor with L >= 2 tokens, got shape {tuple(windows.shape)}")

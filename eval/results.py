@@ -34,8 +34,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerwise.errors import LayerwiseError
-from layerwise.types import read_json, write_json_atomic
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import read_json, write_json_atomic
 
 FORMAT = "layerwise.eval"
 SCHEMA_VERSION = 1

@@ -5,7 +5,7 @@ as templates; on first use they are rendered, with the data files they read, int
 ``cache_dir()/tasks/wiki-v{WIKI_TASKS_VERSION}/``, which is what `TaskManager(include_path=...)` indexes.
 That directory also runs with stock lm-eval: ``lm-eval run --include_path DIR --tasks wiki_mc ...``.
 
-Source: the 24 evaluation articles of ``layerwise.data``'s ``wikipedia`` corpus (gensim's shortened
+Source: the 24 evaluation articles of ``layerwise.data.corpora``'s ``wikipedia`` corpus (gensim's shortened
 enwiki dump, cleaned; article i of the dump goes to evaluation iff i % 4 == 0). The calibration half,
 which compression reads, is never used here.
 
@@ -47,8 +47,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from layerwise.cache import cache_dir
-from layerwise.errors import LayerwiseError
+from layerwise.core.cache import cache_dir
+from layerwise.core.errors import LayerwiseError
 
 WIKI_TASKS_VERSION = 1
 WIKI_TASKS_SEED = 1234
@@ -95,7 +95,7 @@ def sentences(paragraph: str) -> list[str]:
 
 def evaluation_articles() -> list[tuple[str, str]]:
     """(title, text) of each evaluation article, in corpus order."""
-    from layerwise.data import wikipedia_split
+    from layerwise.data.corpora import wikipedia_split
 
     data = wikipedia_split()
     # Documents are "title\n\ntext" joined by "\n\n", and cleaned text never holds a blank line.
@@ -165,7 +165,7 @@ def task_dir() -> Path:
 
 def prepare_task_dir() -> Path:
     """The directory to pass to lm-eval's `include_path`: built on first use, checked on every use."""
-    from layerwise.data import wikipedia_dump_path
+    from layerwise.data.corpora import wikipedia_dump_path
 
     target = task_dir()
     dump_sha = _sha256(wikipedia_dump_path().read_bytes())
@@ -196,7 +196,7 @@ def _build(target: Path, dump_sha: str) -> None:
             "format": "layerwise.tasks",
             "version": WIKI_TASKS_VERSION,
             "seed": WIKI_TASKS_SEED,
-            "source": "layerwise.data wikipedia corpus, evaluation split",
+            "source": "layerwise.data.corpora wikipedia corpus, evaluation split",
             "dump_sha256": dump_sha,
             "params": build_params(),
             "files": files,

@@ -26,8 +26,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from layerwise.driver import LayerStep
 from layerwise.importance.base import SCORERS, LayerScorer
+from layerwise.model.driver import LayerStep
 
 DEFAULT_STRIDE = 16
 

@@ -9,11 +9,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from layerwise.driver import LayerStep, LayerWeights, each_layer, stream_layers
-from layerwise.models import layer_linear_shapes
-from layerwise.placement import Placement, oom_as_error
-from layerwise.registry import Registry
-from layerwise.types import LayerScores
+from layerwise.core.registry import Registry
+from layerwise.core.types import LayerScores
+from layerwise.model.adapter import layer_linear_shapes
+from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_layers
+from layerwise.model.placement import Placement, oom_as_error
 
 # The optional outputs a scorer may provide beyond "scores": each a `LayerScorer` method and a
 # `LayerScores` field of the same name.
@@ -38,7 +38,7 @@ class LayerScorer:
     # What the scorer's `LayerScores` carries: "scores" always, plus each of `SCORE_OUTPUTS` it fills.
     provides: ClassVar[frozenset[str]] = frozenset({"scores"})
     # Reads one decoder layer's weights at a time and nothing from the whole model, so it can score a
-    # model streamed from disk (layerwise.streaming). False for scorers that run whole-model forwards or
+    # model streamed from disk (layerwise.engine.streaming). False for scorers that run whole-model forwards or
     # backward passes in `prepare`, or read other layers' weights in `score_layer`.
     layer_local: ClassVar[bool] = True
     progress: bool = True  # set by `score_model`: whether the scorer may show progress bars of its own
@@ -115,8 +115,8 @@ def score_model(
     """Run every named scorer over the model in one layer-by-layer pass; returns scores by scorer name.
 
     `scorer_options` maps a scorer name to keyword arguments for its constructor. `weights` streams a
-    model whose layers are not in memory (`layerwise.streaming`); every scorer must then be `layer_local`.
-    `placement` runs each layer's step on its device in its dtype (`layerwise.placement`), and the
+    model whose layers are not in memory (`layerwise.engine.streaming`); every scorer must then be `layer_local`.
+    `placement` runs each layer's step on its device in its dtype (`layerwise.model.placement`), and the
     scorers' whole-model passes layer by layer there.
     """
     scorer_options = scorer_options or {}

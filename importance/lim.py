@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from layerwise.driver import LayerStep
 from layerwise.importance.base import SCORERS, LayerScorer
+from layerwise.model.driver import LayerStep
 
 
 def mean_token_cosine(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:

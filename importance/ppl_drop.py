@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerwise.driver import LayerStep, window_batches
 from layerwise.importance.base import SCORERS, LayerScorer
-from layerwise.models import decoder_layers
-from layerwise.placement import pass_through, sequential_onload
+from layerwise.model.adapter import decoder_layers
+from layerwise.model.driver import LayerStep, window_batches
+from layerwise.model.placement import pass_through, sequential_onload
 
 # 16 windows x 512 tokens = 8 k tokens: each round compares whole-model losses, whose differences between
 # candidates are far above the token-sampling noise at that size, while the cost (about N^2 / 6 forwards

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from layerwise.applier import checked_hessians, needs_hessian
-from layerwise.driver import LayerStep, layer_output
+from layerwise.core.types import QuantSpec, parse_options
+from layerwise.engine.applier import checked_hessians, needs_hessian
 from layerwise.importance.base import SCORERS, LayerScorer
-from layerwise.models import decoder_layers, linear_modules, set_submodule
-from layerwise.placement import Placement, onloaded, sequential_onload
+from layerwise.model.adapter import decoder_layers, linear_modules, set_submodule
+from layerwise.model.driver import LayerStep, layer_output
+from layerwise.model.placement import Placement, onloaded, sequential_onload
 from layerwise.quant import SharedInputHessians, dense_weights, quantize_modules
-from layerwise.types import QuantSpec, parse_options
 
 # 3- and 4-bit at group 256 as well as 128: at group 128 a 3-bit layer costs 3.27 bits on the default
 # model (partial last groups), so a 3.25 budget would force some layers down to 2 bits, which this model

@@ -11,7 +11,7 @@ and M what its MLP adds (so the layer's output is Y = H + M):
 stored as `module_scores["attn"]`, `module_scores["mlp"]` and `scores`; all in [0, 2], 0 for a sub-layer
 (layer) that adds nothing. The means run over every token of every calibration window. A and M are read
 by forward hooks on the modules whose outputs are added to the residual stream
-(`layerwise.models.contribution_names`: the attention / MLP module, gemma's post-norms, OPT's fc2)
+(`layerwise.model.adapter.contribution_names`: the attention / MLP module, gemma's post-norms, OPT's fc2)
 during the layer's reference run; a tuple output contributes its first item. This assumes a pre-norm
 layer (output = X + A + M); a layer whose output differs from H + M (post-norm) is refused.
 """
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerwise.driver import LayerStep, layer_output
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.importance.base import SCORERS, LayerScorer
-from layerwise.models import contribution_names
+from layerwise.model.adapter import contribution_names
+from layerwise.model.driver import LayerStep, layer_output
 
 
 def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:

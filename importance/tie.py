@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from layerwise.driver import LayerStep, layer_output
 from layerwise.importance.base import SCORERS, LayerScorer
-from layerwise.models import decoder_layers
+from layerwise.model.adapter import decoder_layers
+from layerwise.model.driver import LayerStep, layer_output
 
 DEFAULT_MAX_OFFSET = 3
 # 16 windows x 512 tokens: each offset costs one more run of every layer on them, and the ratio of two

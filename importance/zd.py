@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from layerwise.driver import LayerStep
 from layerwise.importance.base import SCORERS, LayerScorer
-from layerwise.models import linear_modules, linear_weight
+from layerwise.model.adapter import linear_modules, linear_weight
+from layerwise.model.driver import LayerStep
 
 
 def z_share_above_one(weights: list[torch.Tensor]) -> float:

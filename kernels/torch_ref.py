@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from layerwise.quant import packing
+from layerwise.core import bitstream as packing
 
 
 def dequantize(

@@ -5,7 +5,7 @@ reads the packed buffers a `QuantLinear` stores (no repacking, no dense weight i
 8 bits, per-group fp16 scales and zeros (asymmetric) or the fixed zero ``2**(bits-1)`` (symmetric), a
 short last group, fp16 / bf16 / fp32 activations, float32 accumulation, output in x's dtype.
 
-Layout read (`layerwise.quant.packing`, format ``bitstream-v1``)
+Layout read (`layerwise.core.bitstream`, format ``bitstream-v1``)
 ---------------------------------------------------------------
 ``qweight`` is int32 (N, ceil(K*bits/32)), one little-endian bit stream per output row: code ``k`` of
 row ``n`` occupies stream bits ``[k*bits, (k+1)*bits)``, stream bit ``i`` being bit ``i % 32`` of word
@@ -64,7 +64,7 @@ import os
 
 import torch
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 
 KERNEL_ENV = "LAYERWISE_KERNEL"
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -134,7 +134,7 @@ def _check(
     group_size: int, in_features: int, sym: bool, bias: torch.Tensor | None,
 ) -> None:
     """Refuse what the kernel would read out of bounds or misinterpret, with the shapes in the message."""
-    from layerwise.quant.packing import words_per_row
+    from layerwise.core.bitstream import words_per_row
 
     n = qweight.shape[0]
     n_groups = -(-in_features // group_size)

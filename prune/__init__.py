@@ -1,7 +1,7 @@
 """Structural edits of a causal LM, in place: remove decoder layers, drop a layer's attention or MLP, tie layers.
 
 Each function checks everything before it touches the model and raises `LayerwiseError` naming the
-problem and the fix, so a refused edit leaves the model as it was. `layerwise.applier` applies a plan's
+problem and the fix, so a refused edit leaves the model as it was. `layerwise.engine.applier` applies a plan's
 prune / drop / tie actions through these.
 """
 

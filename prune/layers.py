@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers, layers_path
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import decoder_layers, layers_path
 
 # Config attributes holding the layer count (GPT-2 spells it n_layer; its num_hidden_layers is an alias).
 LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")

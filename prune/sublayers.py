@@ -24,10 +24,17 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import attention_name, decoder_layers, linear_modules, linear_shape, mlp_names, set_submodule
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import SUBLAYERS
+from layerwise.model.adapter import (
+    attention_name,
+    decoder_layers,
+    linear_modules,
+    linear_shape,
+    mlp_names,
+    set_submodule,
+)
 from layerwise.prune.layers import check_layer_index
-from layerwise.types import SUBLAYERS
 
 try:  # transformers >= 5.x: slots of layers that keep no cache (KV sharing, attention-free layers)
     from transformers.cache_utils import DummyLayer as _DummyLayer

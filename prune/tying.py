@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import LINEAR_TYPES, decoder_layers, linear_modules, linear_shape, set_submodule
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import LINEAR_TYPES, decoder_layers, linear_modules, linear_shape, set_submodule
 from layerwise.prune.layers import check_layer_index
 
 Signature = tuple[object, ...]

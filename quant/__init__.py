@@ -4,6 +4,7 @@ Importing this package registers every built-in quantizer; a new method is one m
 ``@QUANTIZERS.register(name)`` `Quantizer` subclass plus one import line below.
 """
 
+from layerwise.core.bitstream import PackFormat, pack, unpack
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
 from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error, squared_norm
 from layerwise.quant.gptq import (
@@ -14,7 +15,6 @@ from layerwise.quant.gptq import (
     quantize_gptq_shared,
 )
 from layerwise.quant.hessian import HessianAccumulator, SharedInputHessians
-from layerwise.quant.packing import PackFormat, pack, unpack
 from layerwise.quant.qlinear import QuantLinear, dense_weights
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS, Quantizer

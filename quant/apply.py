@@ -2,7 +2,7 @@
 
 Hugging Face models use two linear layouts: `nn.Linear` (weight stored (out, in)) and GPT-2 style
 `Conv1D` (weight stored (in, out)). Everything in `layerwise.quant` works on the (out, in) view that
-`layerwise.models.linear_weight` gives.
+`layerwise.model.adapter.linear_weight` gives.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import LINEAR_TYPES, linear_weight
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
+from layerwise.model.adapter import LINEAR_TYPES, linear_weight
 from layerwise.quant.qlinear import QuantLinear
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS
-from layerwise.types import QuantSpec
 
 
 def _check_linear(module: nn.Module) -> torch.Tensor:

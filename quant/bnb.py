@@ -38,11 +38,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.quant.codecs import CODECS, BufferLayout, Codec, Packed
 from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
-from layerwise.types import QuantSpec
 
 NF4_FORMAT = "bnb-nf4"
 INT8_FORMAT = "bnb-int8-rowwise"

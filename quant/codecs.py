@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from layerwise.core.bitstream import PackFormat, words_per_row
+from layerwise.core.registry import Registry
+from layerwise.core.types import QuantSpec
 from layerwise.kernels import torch_ref, triton_matmul
-from layerwise.quant.packing import PackFormat, words_per_row
-from layerwise.registry import Registry
-from layerwise.types import QuantSpec
 
 BUFFER_NAMES = ("qweight", "scales", "zeros")
 

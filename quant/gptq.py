@@ -34,12 +34,12 @@ from typing import ClassVar
 
 import torch
 
-from layerwise.errors import LayerwiseError
-from layerwise.quant.packing import PackFormat, pack, row_chunks
+from layerwise.core.bitstream import PackFormat, pack, row_chunks
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import group_params
-from layerwise.types import QuantSpec
 
 # After a failed factorisation the damping grows 10x per retry, from at least this fraction of
 # mean(diag(H)) (so that damp=0 still has a fallback), this many times.

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import LINEAR_TYPES, linear_shape, linear_weight
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import LINEAR_TYPES, linear_shape, linear_weight
 
 
 class HessianAccumulator:

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerwise.core.types import QuantSpec
+
 # Imported for its registrations: the nf4 / int8 codecs must exist before a checkpoint naming them loads.
 from layerwise.quant.codecs import allocate, codec_for
 from layerwise.quant.quantized import QuantizedWeight
-from layerwise.types import QuantSpec
 
 # Buffers whose dtype is part of the format: a whole-model ``.to(torch.bfloat16)`` must not touch them.
 _FIXED_DTYPE_BUFFERS = ("qweight", "scales", "zeros")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.bitstream import PackFormat
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.quant.codecs import BUFFER_NAMES, codec_for
-from layerwise.quant.packing import PackFormat
-from layerwise.types import QuantSpec
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
+from layerwise.core.registry import Registry
+from layerwise.core.types import QuantSpec
 from layerwise.quant.quantized import QuantizedWeight
-from layerwise.registry import Registry
-from layerwise.types import QuantSpec
 
 
 class Quantizer(ABC):

@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from layerwise.quant.packing import PackFormat, pack, row_chunks
+from layerwise.core.bitstream import PackFormat, pack, row_chunks
+from layerwise.core.types import QuantSpec
 from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
-from layerwise.types import QuantSpec
 
 # Range of positive fp16 values a scale is clamped to: the smallest subnormal and the largest finite.
 _FP16_MIN_SCALE = 2.0**-24

@@ -6,8 +6,8 @@ import torch
 from conftest import random_windows, tiny_model
 
 import layerwise
-from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers, linear_modules
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import decoder_layers, linear_modules
 from layerwise.quant import QuantLinear
 
 

@@ -8,10 +8,11 @@ import torch
 
 from layerwise.api import make_plan
 from layerwise.cli import main
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerScores, QuantSpec, parse_options
 from layerwise.importance import SCORERS, LayerScorer
 from layerwise.importance.base import SCORE_OUTPUTS
-from layerwise.planners import (
+from layerwise.planning.planners import (
     PLANNERS,
     LwqConfig,
     LwqPlanner,
@@ -22,7 +23,6 @@ from layerwise.planners import (
 )
 from layerwise.quant import QUANTIZERS, Quantizer
 from layerwise.quant.codecs import codec_for
-from layerwise.types import LayerScores, QuantSpec, parse_options
 
 SHAPES = {"q": (64, 64), "up": (128, 64), "down": (64, 128)}
 OPTIONS = "2:32,4:32,8:32"
@@ -115,7 +115,7 @@ def test_cli_plan_refuses_a_flag_the_planner_does_not_take(tmp_path, capsys):
     lim_scores().save(lim)
     code, _, _ = run_cli("plan", "--scores", lim, "--bits", 3.0, "--out", tmp_path / "lwq.json", capsys=capsys)
     assert code == 0
-    from layerwise.types import Plan
+    from layerwise.core.types import Plan
 
     assert Plan.load(tmp_path / "lwq.json").to_dict() == make_plan(LayerScores.load(lim), 3.0).to_dict()
 

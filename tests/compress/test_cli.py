@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from layerwise.cli import main
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 
 CALIB = ["--calib", "pydoc", "--calib-windows", "4", "--calib-len", "32"]
 
@@ -201,8 +201,8 @@ def test_device_and_dtype_are_passed_on_only_when_not_cpu_float32(command, targe
         raise LayerwiseError("stopped here")
 
     monkeypatch.setattr(target, fake)
-    monkeypatch.setattr("layerwise.loading.load_model", lambda *a, **k: (torch.nn.Linear(1, 1), None))
-    monkeypatch.setattr("layerwise.applier.check_plan_fits", lambda *a: None)
+    monkeypatch.setattr("layerwise.model.loading.load_model", lambda *a, **k: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr("layerwise.engine.applier.check_plan_fits", lambda *a: None)
     plan = tmp_path / "p.json"
     plan.write_text(json.dumps({"format": "layerwise.plan", "version": 1,
                                 "layers": [{"layer": 0, "action": "keep"}]}))

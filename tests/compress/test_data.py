@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from layerwise import data
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.data import corpora as data
 
 VOCAB = 50
 
@@ -200,7 +200,7 @@ def test_britannica_missing_package(monkeypatch):
 @pytest.mark.integration
 def test_wikipedia_split_meets_token_budgets():
     """The protocol needs >= 16,384 evaluation tokens; the curve's calibration, 128 x 512 tokens."""
-    from layerwise.loading import load_model
+    from layerwise.model.loading import load_model
 
     _, tokenizer = load_model("smollm2-135m")
     evaluation = data.token_windows(tokenizer, data.load_text("wikipedia", "evaluation"), None, 1024)

@@ -1,4 +1,4 @@
-"""`layerwise.device`: --device and --dtype resolved, and every request this machine cannot serve refused in
+"""`layerwise.model.device`: --device and --dtype resolved, and every request this machine cannot serve refused in
 one line. CUDA is mocked (torch.cuda.is_available / device_count), so these run on any machine."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from layerwise import device as dev
-from layerwise.device import checkpoint_dtype, resolve_device, resolve_dtype
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.model import device as dev
+from layerwise.model.device import checkpoint_dtype, resolve_device, resolve_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

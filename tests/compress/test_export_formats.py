@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import layerwise
 from layerwise.cli import main
-from layerwise.errors import LayerwiseError
-from layerwise.export import export_checkpoint
-from layerwise.types import LayerAction, Plan, QuantSpec
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, Plan, QuantSpec
+from layerwise.output.export import export_checkpoint
 
 TOLERANCE = 1e-3  # max |logit difference| / max |logit|
 IDS = [[(7 * i + 3) % 96 for i in range(24)]]

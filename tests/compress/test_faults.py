@@ -26,7 +26,7 @@ from conftest import random_windows, tiny_model
 
 import layerwise
 from layerwise.cli import main
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 
 UNIFORM = ["--method", "rtn", "--uniform", "4", "--group-size", "32"]  # the quickest compress: no calibration
 
@@ -145,7 +145,7 @@ def test_nan_and_inf_input_weights_are_refused_before_any_work(eval_flag, model_
         raise AssertionError("the slow steps ran before the weights were checked")
 
     monkeypatch.setattr("layerwise.cli._perplexity", no_slow_work)
-    monkeypatch.setattr("layerwise.pipeline.calibration_windows", no_slow_work)
+    monkeypatch.setattr("layerwise.engine.pipeline.calibration_windows", no_slow_work)
     code, _, err = run("compress", model_dir, *eval_flag, "--method", "rtn", "--scorer", "lim", "--bits", "3",
                        "--out", out_parent / "ckpt", capsys=capsys)
     assert code == 2 and one_line(err)
@@ -158,7 +158,8 @@ def test_nan_weights_refused_by_the_api(monkeypatch):
     model = tiny_model("qwen2", n_layers=2)
     with torch.no_grad():
         model.model.embed_tokens.weight[4, 4] = float("-inf")
-    monkeypatch.setattr("layerwise.pipeline.calibration_windows", lambda *a, **k: pytest.fail("calibrated first"))
+    monkeypatch.setattr("layerwise.engine.pipeline.calibration_windows",
+                        lambda *a, **k: pytest.fail("calibrated first"))
     with pytest.raises(LayerwiseError, match=r"embed_tokens.weight \(0 NaN, 1 Inf\).*repair or re-export"):
         layerwise.compress(model, 3.0, scorer="lim", method="rtn", calib="pydoc", progress=False)
 
@@ -197,7 +198,7 @@ def test_unknown_format_version_refused_by_eval(ckpt, capsys):
     _edit_meta(ckpt, lambda meta: meta.__setitem__("format_version", 2))
     code, _, err = run("eval", ckpt, "--max-tokens", 64, "--window", 32, capsys=capsys)
     assert code == 2 and one_line(err)
-    assert "version 2 is unknown" in err and "reads layerwise.checkpoint version 1" in err
+    assert "version 2 is unknown" in err and "reads layerwise.output.checkpoint version 1" in err
 
 
 def test_plan_that_does_not_match_the_weights_names_the_tensor(ckpt):
@@ -280,7 +281,7 @@ def test_read_only_output_refused_before_any_work(model_dir, out_parent, capsys,
         monkeypatch.setattr(os, "access", access)
     else:
         out_parent.chmod(0o555)
-    monkeypatch.setattr("layerwise.loading.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("layerwise.model.loading.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     try:
         code, _, err = run("compress", model_dir, *UNIFORM, "--out", out_parent / "new" / "ckpt", capsys=capsys)
     finally:
@@ -412,7 +413,7 @@ def test_causal_model_without_findable_decoder_layers_names_the_paths_tried():
 
 def test_full_filesystem_writing_a_json_output(tmp_path, monkeypatch):
     """Plans, scores and eval results go through one atomic JSON writer, with the same message."""
-    from layerwise.types import LayerAction, Plan
+    from layerwise.core.types import LayerAction, Plan
 
     real_write_text = Path.write_text
 
@@ -446,8 +447,8 @@ def shared_ckpt(tmp_path_factory):
 @pytest.fixture
 def overlap_inputs(model_dir, shared_ckpt, tmp_path, monkeypatch):
     """A model, a checkpoint, scores, a plan, the default model's cache directory and a symlink to the model."""
-    from layerwise.cache import ENV_VAR
-    from layerwise.types import LayerAction, LayerScores, Plan
+    from layerwise.core.cache import ENV_VAR
+    from layerwise.core.types import LayerAction, LayerScores, Plan
 
     shutil.copytree(shared_ckpt, tmp_path / "ckpt")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
@@ -458,7 +459,7 @@ def overlap_inputs(model_dir, shared_ckpt, tmp_path, monkeypatch):
     Plan([LayerAction(i, "quantize", 4, 32) for i in range(4)]).save(tmp_path / "plan.json")
     (tmp_path / "link").symlink_to(model_dir)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("layerwise.loading.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("layerwise.model.loading.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     return tmp_path
 
 
@@ -508,7 +509,7 @@ def test_api_refuses_outputs_overlapping_the_input(model_dir, ckpt, tmp_path, mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerwise.eval import report
-    from layerwise.export import export_checkpoint
+    from layerwise.output.export import export_checkpoint
 
     before = tree(tmp_path)
     with pytest.raises(LayerwiseError, match="is the input model"):

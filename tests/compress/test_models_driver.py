@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import random_windows, tiny_model
 
-from layerwise.driver import stream_layers
-from layerwise.errors import LayerwiseError
-from layerwise.models import check_causal_lm, decoder_layers, layer_linear_shapes, linear_modules
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import check_causal_lm, decoder_layers, layer_linear_shapes, linear_modules
+from layerwise.model.driver import stream_layers
 
 
 def test_adapter_finds_layers_and_linears(arch):

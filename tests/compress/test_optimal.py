@@ -7,10 +7,10 @@ from conftest import random_windows, tiny_model
 
 import layerwise
 from layerwise.api import make_plan
-from layerwise.budget import average_bits
-from layerwise.errors import LayerwiseError
-from layerwise.optimal import solve
-from layerwise.types import LayerScores, QuantSpec, parse_options
+from layerwise.core.budget import average_bits
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerScores, QuantSpec, parse_options
+from layerwise.planning.optimal import solve
 
 SHAPES = {"q": (64, 64), "up": (128, 64), "down": (64, 128)}
 OPTIONS = "2:32,3:32,4:32,8:32"

@@ -1,4 +1,4 @@
-"""Placements (layerwise.placement): one decoder layer on the device at a time, in the placement's dtype.
+"""Placements (layerwise.model.placement): one decoder layer on the device at a time, in the placement's dtype.
 
 There is no GPU here, so the "device" is the CPU in bfloat16 while the model's home is float32: a layer on
 the device is recognisable by the dtype of its parameters, and every test below would fail if a layer
@@ -17,18 +17,19 @@ from conftest import random_windows, tiny_config, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import layerwise.placement as placement_module
-from layerwise.applier import apply_plan, resolve_methods
-from layerwise.checkpoint import load_checkpoint, save_checkpoint
-from layerwise.driver import stream_layers
-from layerwise.errors import LayerwiseError
+import layerwise.model.placement as placement_module
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
+from layerwise.engine.applier import apply_plan, resolve_methods
+from layerwise.engine.streaming import StreamedModel
 from layerwise.eval.perplexity import perplexity_on_windows
 from layerwise.importance import score_model
 from layerwise.importance import sensitivity as sensitivity_module
 from layerwise.importance.ppl_drop import bypassed
 from layerwise.importance.sensitivity import output_fisher
-from layerwise.models import decoder_layers, layer_linear_shapes
-from layerwise.placement import (
+from layerwise.model.adapter import decoder_layers, layer_linear_shapes
+from layerwise.model.driver import stream_layers
+from layerwise.model.placement import (
     Activations,
     Placement,
     activations_stay,
@@ -36,11 +37,10 @@ from layerwise.placement import (
     oom_as_error,
     sequential_onload,
 )
-from layerwise.planners import uniform_plan
+from layerwise.model.shards import write_safetensors
+from layerwise.output.checkpoint import load_checkpoint, save_checkpoint
+from layerwise.planning.planners import uniform_plan
 from layerwise.quant import QuantLinear, quantize_module
-from layerwise.shards import write_safetensors
-from layerwise.streaming import StreamedModel
-from layerwise.types import QuantSpec
 
 BF16 = Placement("cpu", torch.bfloat16)
 

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from layerwise.api import make_plan
-from layerwise.budget import average_bits, layer_bits
-from layerwise.errors import LayerwiseError
-from layerwise.types import LayerAction, LayerScores, Plan, QuantSpec
+from layerwise.core.budget import average_bits, layer_bits
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, LayerScores, Plan, QuantSpec
 
 SHAPES = {"q": (576, 576), "k": (192, 576), "up": (1536, 576), "down": (576, 1536)}
 

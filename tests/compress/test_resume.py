@@ -14,8 +14,8 @@ from conftest import random_windows, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import layerwise
-from layerwise.errors import LayerwiseError
-from layerwise.streaming import KILL_ENV, StreamedModel, partial_dir
+from layerwise.core.errors import LayerwiseError
+from layerwise.engine.streaming import KILL_ENV, StreamedModel, partial_dir
 
 N_LAYERS = 4
 

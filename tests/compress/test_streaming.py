@@ -12,9 +12,9 @@ import torch
 from conftest import random_windows, tiny_model, tiny_tokenizer
 
 import layerwise
-from layerwise.errors import LayerwiseError
-from layerwise.shards import SafetensorsSource, pending, write_safetensors
-from layerwise.streaming import StreamedModel, partial_dir
+from layerwise.core.errors import LayerwiseError
+from layerwise.engine.streaming import StreamedModel, partial_dir
+from layerwise.model.shards import SafetensorsSource, pending, write_safetensors
 
 WINDOWS = random_windows(6, 24)
 
@@ -98,7 +98,7 @@ def test_streaming_refuses_what_needs_the_whole_model(tmp_path):
 
 
 def test_auto_rule_streams_large_models(tmp_path, monkeypatch):
-    import layerwise.streaming as streaming
+    import layerwise.engine.streaming as streaming
 
     path = saved_model(tmp_path, "llama")
     monkeypatch.setattr(streaming, "available_memory", lambda: 10**4)  # the model is "large" now
@@ -191,7 +191,7 @@ def test_a_file_cut_short_after_opening_is_named(tmp_path):
 
 
 def test_reads_convert_exactly_in_pieces(tmp_path, monkeypatch):
-    import layerwise.shards as shards
+    import layerwise.model.shards as shards
 
     path = saved_model(tmp_path, "llama", sharded=False)
     reference = safetensors.torch.load_file(path / "model.safetensors")

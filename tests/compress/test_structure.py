@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from layerwise.budget import average_bits, layer_bits
-from layerwise.errors import LayerwiseError
-from layerwise.structure import StructureConfig, plan_structure, prune_layers, tie_runs
-from layerwise.types import LayerAction, LayerScores, Plan
+from layerwise.core.budget import average_bits, layer_bits
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, LayerScores, Plan
+from layerwise.planning.structure import StructureConfig, plan_structure, prune_layers, tie_runs
 
 SHAPES = {"self_attn.q_proj": (8, 8), "self_attn.o_proj": (8, 8), "mlp.up_proj": (16, 8), "mlp.down_proj": (8, 16)}
 

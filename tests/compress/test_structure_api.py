@@ -14,9 +14,9 @@ from conftest import random_windows, tiny_model
 
 import layerwise
 from layerwise.cli import main
-from layerwise.errors import LayerwiseError
-from layerwise.export import export_checkpoint
-from layerwise.models import decoder_layers, linear_modules
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import decoder_layers, linear_modules
+from layerwise.output.export import export_checkpoint
 from layerwise.quant import QuantLinear
 
 CALIB = ["--calib", "pydoc", "--calib-windows", "4", "--calib-len", "32"]
@@ -71,7 +71,7 @@ def test_prune_drop_tie_quantize_round_trip(arch, tmp_path):
 
 
 def _prefix(model):
-    from layerwise.models import layers_path
+    from layerwise.model.adapter import layers_path
 
     return layers_path(model)
 

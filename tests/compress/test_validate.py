@@ -1,4 +1,4 @@
-"""`layerwise.validate`: NaN, infinities and out-of-range numbers refused in one line by the API, before any
+"""`layerwise.core.validate`: NaN, infinities and out-of-range numbers refused in one line by the API, before any
 work (the model given is a path that does not exist: the number must be refused first)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import layerwise
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, LayerScores, Plan
+from layerwise.core.validate import RULES, check_numbers, parse_number
 from layerwise.eval import evaluate
-from layerwise.types import LayerAction, LayerScores, Plan
-from layerwise.validate import RULES, check_numbers, parse_number
 
 NAN, INF = float("nan"), float("inf")
 MISSING = "/nonexistent/model-dir"

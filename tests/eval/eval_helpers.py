@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from layerwise.cache import ENV_VAR, cache_dir
+from layerwise.core.cache import ENV_VAR, cache_dir
 
 # ppl by a protocol a tiny model can afford: 4 windows of 64 tokens.
 SMALL_PPL = ["--max-tokens", "256", "--window", "64"]

@@ -3,7 +3,7 @@
 import pytest
 
 from layerwise.eval import evaluate
-from layerwise.loading import load_model
+from layerwise.model.loading import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from eval_helpers import load_tiny
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.eval import EvalResult, PerplexityProtocol, evaluate, parse_tasks
 from layerwise.eval.harness import convert_lm_eval_results
 from layerwise.eval.results import FORMAT, SCHEMA_VERSION
@@ -148,8 +148,8 @@ def test_eval_result_reads_the_old_flat_json_and_refuses_others(tmp_path):
 def test_a_placement_runs_every_forward_on_its_device_in_its_dtype(tiny):
     import torch
 
-    from layerwise.models import decoder_layers
-    from layerwise.placement import Placement
+    from layerwise.model.adapter import decoder_layers
+    from layerwise.model.placement import Placement
 
     model, tokenizer = tiny
     seen = []

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.eval import DEFAULT_PROTOCOL, PerplexityProtocol, PerplexityResult, perplexity, perplexity_on_windows
 
 VOCAB = 101
@@ -154,7 +154,7 @@ def test_default_protocol():
 
 @pytest.mark.integration
 def test_default_model_loads_from_cache_and_has_sane_perplexity():
-    from layerwise.loading import default_cache_path, load_model
+    from layerwise.model.loading import default_cache_path, load_model
 
     load_model("smollm2-135m")  # converts the GGUF on the very first use (about 25 s)
     assert (default_cache_path() / "model.safetensors").is_file()

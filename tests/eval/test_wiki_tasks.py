@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from eval_helpers import use_private_cache
 
-from layerwise.data import load_text
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.data.corpora import load_text
 from layerwise.eval import wiki_tasks
 from layerwise.eval.wiki_tasks import (
     OFFLINE_TASKS,

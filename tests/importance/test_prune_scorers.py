@@ -12,14 +12,14 @@ from conftest import VOCAB, random_windows, tiny_model
 
 import layerwise.importance.base as base
 from layerwise.api import score
-from layerwise.driver import stream_layers
+from layerwise.core.types import LayerScores
 from layerwise.importance import score_model
 from layerwise.importance.angular import sampled_positions
 from layerwise.importance.ppl_drop import PplDropScorer, batch_nll
 from layerwise.importance.sublayer import SublayerScorer
 from layerwise.importance.tie import TieScorer
-from layerwise.models import decoder_layers, layers_path, linear_modules, set_submodule
-from layerwise.types import LayerScores
+from layerwise.model.adapter import decoder_layers, layers_path, linear_modules, set_submodule
+from layerwise.model.driver import stream_layers
 
 PRUNE_SCORERS = ["angular", "sublayer", "tie", "ppl_drop"]
 # Last name of the projection that writes each sub-layer's output, across the 7 tiny architectures:

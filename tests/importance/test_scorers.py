@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import random_windows, tiny_model
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.zd import z_share_above_one
-from layerwise.models import decoder_layers, linear_modules
+from layerwise.model.adapter import decoder_layers, linear_modules
 
 
 def make_identity(layer: torch.nn.Module) -> None:

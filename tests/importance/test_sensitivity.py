@@ -6,7 +6,7 @@ from conftest import ARCHS, random_windows, tiny_model
 
 from layerwise.importance import score_model
 from layerwise.importance.sensitivity import output_fisher
-from layerwise.models import decoder_layers
+from layerwise.model.adapter import decoder_layers
 
 
 @pytest.mark.parametrize("arch", ARCHS)

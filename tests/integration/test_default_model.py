@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import layerwise
+from layerwise.core.types import QuantSpec
 from layerwise.eval import PerplexityProtocol, perplexity
-from layerwise.loading import load_model
-from layerwise.types import QuantSpec
+from layerwise.model.loading import load_model
 
 pytestmark = pytest.mark.integration
 

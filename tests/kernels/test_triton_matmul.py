@@ -16,10 +16,10 @@ import torch
 from conftest import random_windows, tiny_model
 
 import layerwise
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.kernels import KERNEL_ENV, torch_ref, triton_matmul
 from layerwise.quant import QuantLinear, pack
-from layerwise.types import QuantSpec
 
 pytest.importorskip("triton")
 

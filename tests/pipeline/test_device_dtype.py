@@ -9,7 +9,7 @@ import torch
 from conftest import random_windows
 
 import layerwise
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 
 WINDOWS = random_windows(4, 24, seed=5)
 

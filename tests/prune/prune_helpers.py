@@ -6,8 +6,8 @@ import torch
 from conftest import random_windows
 from torch import nn
 
-from layerwise.checkpoint import unique_state_dict
-from layerwise.models import decoder_layers
+from layerwise.model.adapter import decoder_layers
+from layerwise.output.checkpoint import unique_state_dict
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from prune_helpers import assert_cache_consistent, fingerprint, logits
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import decoder_layers
 from layerwise.prune import remove_layers
 
 

@@ -5,8 +5,8 @@ import torch
 from conftest import random_windows, tiny_model
 from prune_helpers import assert_cache_consistent, fingerprint, logits
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import attention_name, decoder_layers, layers_path, mlp_names
+from layerwise.core.errors import LayerwiseError
+from layerwise.model.adapter import attention_name, decoder_layers, layers_path, mlp_names
 from layerwise.prune import (
     DroppedAttention,
     DroppedLinear,

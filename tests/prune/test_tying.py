@@ -6,11 +6,18 @@ from conftest import random_windows, tiny_model
 from prune_helpers import assert_cache_consistent, fingerprint, logits, unique_bytes
 from torch import nn
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import attention_name, decoder_layers, layers_path, linear_modules, linear_shape, set_submodule
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
+from layerwise.model.adapter import (
+    attention_name,
+    decoder_layers,
+    layers_path,
+    linear_modules,
+    linear_shape,
+    set_submodule,
+)
 from layerwise.prune import average_layers, drop_sublayer, tie_layer, tied_to
 from layerwise.quant import QuantLinear, quantize_module
-from layerwise.types import QuantSpec
 
 
 def tensor_holders(layer: nn.Module) -> dict[str, nn.Module]:

@@ -11,10 +11,10 @@ from conftest import random_windows, tiny_model
 from torch import nn
 
 import layerwise
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, Plan, QuantSpec
 from layerwise.quant import QUANTIZERS, QuantizedWeight, QuantLinear, quantize_module, quantize_rtn
 from layerwise.quant.bnb import quantize_int8, quantize_nf4
-from layerwise.types import LayerAction, Plan, QuantSpec
 
 # layerwise imports bitsandbytes only when it quantizes or dequantizes, so the imports above always work.
 bnbf = pytest.importorskip(
@@ -216,7 +216,7 @@ def test_missing_bitsandbytes_names_the_method_and_the_fix(monkeypatch):
 def test_import_layerwise_does_not_import_bitsandbytes():
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"
-        "import layerwise, layerwise.quant, layerwise.checkpoint\n"
+        "import layerwise, layerwise.quant, layerwise.output.checkpoint\n"
         "from layerwise.quant import QUANTIZERS\n"
         "assert {'nf4', 'int8'} <= set(QUANTIZERS.names())\n"
     )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layerwise.core.types import QuantSpec
 from layerwise.quant import QuantLinear, packing, quantize_gptq_shared, quantize_rtn, relative_error, squared_norm
 from layerwise.quant.quantized import all_finite
-from layerwise.types import QuantSpec
 
 
 def _outputs(weights: list[torch.Tensor], hessian: torch.Tensor) -> list[torch.Tensor]:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.quant import (
     QUANTIZERS,
     GptqQuantizer,
@@ -25,7 +26,6 @@ from layerwise.quant import (
     quantize_rtn,
     unpack,
 )
-from layerwise.types import QuantSpec
 
 BITS = (2, 3, 4, 8)
 # (out_features, in_features, group_size): full groups, and 576 = 4*128 + 64 with a partial last group.

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from layerwise.core.types import QuantSpec
 from layerwise.quant import HessianAccumulator, SharedInputHessians, quantize_gptq, quantize_rtn
-from layerwise.types import QuantSpec
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
 from layerwise.quant import PackFormat, pack, unpack
 
 BITS = (2, 3, 4, 8)

@@ -8,10 +8,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.kernels import dequant_matmul
 from layerwise.quant import QuantLinear, linear_weight, quantize_module, quantize_rtn, relative_error
-from layerwise.types import QuantSpec
 
 IN, OUT = 96, 40  # 96 = 64 + 32: a partial last group with group_size 64
 

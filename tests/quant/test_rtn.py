@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.errors import LayerwiseError
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
 from layerwise.quant import QUANTIZERS, group_params, quantize_codes, quantize_rtn, unpack
-from layerwise.types import QuantSpec
 
 BITS = (2, 3, 4, 8)
 # (in_features, group_size): full groups, and 576 = 4*128 + 64, a partial last group.

@@ -8,8 +8,9 @@ from conftest import random_windows, tiny_model
 from test_gptq import codes_of, correlated_inputs, hessian_of, random_weight
 from torch import nn
 
-from layerwise.errors import LayerwiseError
-from layerwise.models import decoder_layers, linear_modules
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import QuantSpec
+from layerwise.model.adapter import decoder_layers, linear_modules
 from layerwise.quant import (
     HessianAccumulator,
     HessianFactor,
@@ -20,7 +21,6 @@ from layerwise.quant import (
     quantize_module,
     quantize_modules,
 )
-from layerwise.types import QuantSpec
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,263 @@
+"""Apply a `Plan` to a model: change its structure (prune, drop, tie), then swap each decoder linear for
+the `QuantLinear` its action asks for."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import Plan, QuantSpec
+from layerwise.model.adapter import decoder_layers, linear_modules, linear_weight, set_submodule
+from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_layers
+from layerwise.model.placement import Placement, oom_as_error
+from layerwise.quant import (
+    QUANTIZERS,
+    SharedInputHessians,
+    dense_weights,
+    min_calibration_tokens,
+    quantize_modules,
+    relative_error,
+    squared_norm,
+)
+
+
+@dataclass
+class LayerOutcome:
+    """What applying one layer's action did: the spec of every module and its relative weight error."""
+
+    layer: int
+    specs: dict[str, QuantSpec | None] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    sq_norms: dict[str, float] = field(default_factory=dict)  # ||W||_F^2 of each quantized module
+
+    def layer_error(self) -> float | None:
+        """Relative error of the layer's quantized linears taken together: ||W - Q(W)||_F / ||W||_F."""
+        total = sum(self.sq_norms.values())
+        if not total:
+            return None
+        return (sum(self.errors[n] ** 2 * self.sq_norms[n] for n in self.errors) / total) ** 0.5
+
+
+def check_plan_fits(plan: Plan, model: nn.Module) -> None:
+    """Refuse a plan made for another model (layer count, tied shapes) or naming unknown methods."""
+    layers = decoder_layers(model)
+    if plan.n_layers != len(layers):
+        raise LayerwiseError(
+            f"the plan covers {plan.n_layers} layers but the model has {len(layers)}; "
+            "make the plan from this model's scores (layerwise score / layerwise plan)"
+        )
+    ties = [(a.layer, a.tie_to) for a in plan.layers if a.action == "tie"]
+    if ties:
+        from layerwise.prune import check_tie
+
+        for layer, to in ties:
+            check_tie(model, layer, to)
+    methods = {spec.method for a in plan.layers for spec in _action_specs(a)}
+    for method in methods:
+        QUANTIZERS.get(method)  # unknown method -> error naming the choices
+
+
+def apply_structure(model: nn.Module, plan: Plan, tie_mode: str = "first") -> Plan:
+    """Drop sub-layers, tie and prune layers in place as `plan` says; returns the plan for the result.
+
+    `plan` numbers the model's current layers; the returned plan numbers the layers that remain
+    (`Plan.compact`). With `tie_mode="average"` each representative first takes the mean weights of
+    the layers tied to it. Everything is checked before the model is touched.
+    """
+    from layerwise.prune import average_layers, drop_sublayer, remove_layers, tie_layer
+
+    check_plan_fits(plan, model)
+    runs: dict[int, list[int]] = {}
+    for action in plan.layers:
+        if action.action == "tie":
+            assert action.tie_to is not None
+            runs.setdefault(action.tie_to, [action.tie_to]).append(action.layer)
+    for action in plan.layers:
+        for sublayer in action.drop:
+            drop_sublayer(model, action.layer, sublayer)
+    for representative, members in runs.items():
+        if tie_mode == "average":
+            average_layers(model, members, into=representative)
+        for member in members[1:]:
+            tie_layer(model, member, representative)
+    remove_layers(model, [a.layer for a in plan.layers if a.action == "prune"])
+    return plan.compact()
+
+
+def retie(model: nn.Module, plan: Plan, representative: int) -> None:
+    """Share `representative`'s (now quantized) modules again with the layers tied to it."""
+    tied = [a.layer for a in plan.layers if a.action == "tie" and a.tie_to == representative]
+    if not tied:
+        return
+    from layerwise.prune import tie_layer
+
+    for layer in tied:
+        tie_layer(model, layer, representative)
+
+
+def _action_specs(action) -> list[QuantSpec]:
+    base = action.spec()
+    return [s for s in [base, *action.overrides.values()] if s is not None]
+
+
+def method_needs_hessian(method: str) -> bool:
+    """Whether quantizer `method` reads calibration activations (its class's `needs_hessian`)."""
+    return QUANTIZERS.get(method).needs_hessian
+
+
+def needs_hessian(spec: QuantSpec | None) -> bool:
+    return spec is not None and method_needs_hessian(spec.method)
+
+
+def plan_needs_calibration(plan: Plan, method: str) -> bool:
+    """True when some module's method (GPTQ) reads calibration activations."""
+    return any(
+        needs_hessian(action.module_spec(name, default_method=method))
+        for action in plan.layers
+        for name in ["", *action.overrides]
+    )
+
+
+def _layer_steps(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    batch_size: int,
+    progress: bool,
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    placement: Placement | None = None,
+) -> Iterator[LayerStep]:
+    if windows is not None:
+        yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing",
+                                 weights=weights, start=start, hidden=hidden, placement=placement)
+        return
+    yield from each_layer(model, progress=progress, desc="quantizing", weights=weights, start=start,
+                          placement=placement)
+
+
+def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Run the layer once on its (already compressed upstream) inputs, collecting each module's Hessian.
+
+    Modules that read the same input tensor (q/k/v, gate/up) get the same Hessian object.
+    """
+    if not modules:
+        return {}
+    with SharedInputHessians(modules) as collector:
+        step.run()
+    return checked_hessians(step.index, collector)
+
+
+def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor]:
+    """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
+    for name, (n_tokens, in_features) in collector.token_counts().items():
+        needed = min_calibration_tokens(in_features)
+        if n_tokens < needed:
+            warnings.warn(
+                f"layer {layer} {name}: {n_tokens} calibration tokens for {in_features} inputs; "
+                f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
+                stacklevel=3,
+            )
+    return collector.hessians()
+
+
+@torch.no_grad()
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    method: str = "rtn",
+    *,
+    windows: torch.Tensor | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    on_layer: Callable[[LayerStep, LayerOutcome], None] | None = None,
+    placement: Placement | None = None,
+) -> list[LayerOutcome]:
+    """Quantize `model` in place as `plan` says; `method` fills actions that name none.
+
+    Methods that read activations (GPTQ) run layer-sequentially: each layer is calibrated on the
+    outputs of the already-quantized layers before it, one layer's activations in memory at a time.
+    Streaming (`layerwise.engine.streaming`) passes the layers' `weights`, may resume at layer `start` with
+    its saved inputs `hidden`, and gets each finished layer through `on_layer(step, outcome)` (the
+    step's `outputs` are then the next layer's inputs, when calibrating) before the layer is released.
+    With a `placement` each layer is calibrated and quantized on its device and is home again (its
+    `QuantLinear` buffers included, floating ones in the model's dtype) before `on_layer` sees it.
+    Returns the outcomes of the layers quantized in this call.
+    """
+    QUANTIZERS.get(method)
+    check_plan_fits(plan, model)
+    if any(a.action == "prune" for a in plan.layers):
+        raise LayerwiseError("the plan prunes layers: apply its structure first (apply_structure) and pass the "
+                             "plan it returns")
+    calibrated = plan_needs_calibration(plan, method)
+    if calibrated and windows is None:
+        raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
+    outcomes = []
+    for step in _layer_steps(model, windows if calibrated else None, batch_size, progress, weights, start, hidden,
+                             placement):
+        with oom_as_error("quantizing", step.index, placement):
+            action = plan.layers[step.index]
+            modules = linear_modules(step.layer)
+            specs = {name: action.module_spec(name, default_method=method) for name in modules}
+            hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
+            outcome = LayerOutcome(action.layer, specs=specs)
+            names = [name for name in modules if specs[name] is not None]
+            errors, sq_norms = _quantize_layer(step.layer, {n: modules.pop(n) for n in names}, specs, hessians)
+            del modules, hessians  # the float weights and Hessians are gone now: only the quantized layer is left
+            outcome.errors = {name: errors[name] for name in names}
+            outcome.sq_norms = {name: sq_norms[name] for name in names}
+            if names:
+                retie(model, plan, step.index)
+            if calibrated:  # the next layer's inputs, through this layer as now quantized
+                with dense_weights(step.layer.modules()):
+                    step.outputs = step.run()
+        step.release()  # with a placement: the quantized layer goes home before the next one comes
+        if on_layer is not None:
+            on_layer(step, outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict[str, QuantSpec | None],
+                    hessians: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+    """Swap each of `modules` (emptied as it goes) for its quantized version; each one's error and ||W||^2.
+
+    Modules are quantized a Hessian at a time (q/k/v, then o, gate/up, down on a llama), each group's
+    Hessian and float weights dropped as soon as it is done, so that at most one group's quantization
+    temporaries and the Hessians still to use are in memory with the layer (not every Hessian, every
+    float weight and every quantized copy at once). Groups are independent: the result is the same.
+    """
+    groups: dict[int, list[str]] = {}
+    for name in modules:
+        hessian = hessians.get(name)
+        groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
+    errors: dict[str, float] = {}
+    sq_norms: dict[str, float] = {}
+    for group in groups.values():
+        jobs = [(modules[name], specs[name], hessians.pop(name, None)) for name in group]
+        quantized = quantize_modules(jobs)  # type: ignore[arg-type]
+        del jobs
+        for name, qlinear in zip(group, quantized, strict=True):
+            weight = linear_weight(modules.pop(name)).detach()
+            errors[name] = relative_error(weight, qlinear)
+            sq_norms[name] = squared_norm(weight)
+            set_submodule(layer, name, qlinear)
+            del weight
+        del quantized
+    return errors, sq_norms
+
+
+def resolve_methods(plan: Plan, method: str) -> Plan:
+    """A copy of `plan` with `method` written into every quantize action that names none (what was applied)."""
+    layers = [
+        replace(a, method=method) if a.action == "quantize" and a.method is None else replace(a) for a in plan.layers
+    ]
+    return replace(plan, layers=layers)

@@ -1,0 +1,313 @@
+"""Layer-sequential driver: run a model one decoder layer at a time over calibration windows.
+
+The inputs of the first decoder layer are captured once (the model stops right after its embeddings),
+together with the keyword arguments every layer receives (attention masks, rotary embeddings,
+cache positions: they differ per layer on models with sliding-window layers such as gemma3). Then each
+layer runs on all windows, its outputs become the next layer's inputs, and only one layer's inputs and
+outputs are held at a time. Scorers read a step's inputs and outputs; quantizers (GPTQ) may replace the
+layer's modules before the outputs are computed, so the next layer sees the compressed outputs.
+
+With a `Placement` (`layerwise.model.placement`) each layer is moved to the placement's device (in its dtype)
+for its step and home again after it; the first layer's inputs are captured with only the modules
+outside the decoder layers on the device, and the activations between layers stay on the device or are
+kept on the CPU (`activations_stay`, decided once per stream), read a batch at a time on the device
+through `Activations`. Without one (`placement=None`) everything runs where the model is, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerwise.model.adapter import decoder_layers, layers_path
+from layerwise.model.placement import Activations, Onload, Placement, activations_stay, oom_as_error, pass_through
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerWeights(Protocol):
+    """Where a model's decoder-layer weights live when they are not all in memory (`layerwise.engine.streaming`).
+
+    The driver calls `load_outer` before capturing the first layer's inputs (embeddings in memory) and
+    `release_outer` after; `load(i)` before layer i runs and `release(i)` once the consumer is done with it.
+    """
+
+    def load_outer(self) -> None: ...
+
+    def release_outer(self) -> None: ...
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int) -> None: ...
+
+
+@contextmanager
+def _placeholder_layers(layers: nn.ModuleList) -> Iterator[None]:
+    """Every decoder layer returns its input unchanged: a forward then only records the layers' calls.
+
+    Used when the layers' weights are not in memory (on the meta device): the model still computes the
+    masks and position embeddings every layer receives, while the layers themselves do nothing.
+    """
+
+    @pass_through
+    def identity(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return _split_hidden(args, kwargs)[0]
+
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = identity
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
+
+
+@dataclass
+class LayerCall:
+    """The arguments a decoder layer was called with, apart from its hidden-state input."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), kwargs)
+    return kwargs.pop("hidden_states"), LayerCall((), kwargs)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split windows into equal batches (the largest size <= `batch_size` that divides their number).
+
+    Equal batches matter: the captured call arguments (attention masks) are shaped for one batch size.
+    """
+    n = windows.shape[0]
+    size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    return list(windows.split(size))
+
+
+@torch.inference_mode()
+def capture_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, placeholders: bool = False,
+    placement: Placement | None = None, offload: bool = False,
+) -> tuple[list[torch.Tensor], list[LayerCall]]:
+    """First-layer hidden states for every batch of windows, and each layer's call arguments.
+
+    One full forward of the first batch records every layer's arguments; the other batches stop at
+    the first layer. All batches have the same shape, so the arguments are shared by all of them.
+    With `placeholders` the layers do not run (their weights may be on the meta device): each passes
+    its input through while its call is recorded, and the forward stops after the last layer.
+    With a `placement` the layers never run either (placeholders): the modules outside them, less the
+    head, are on the placement's device for the capture, so the hidden states and call arguments are
+    made there, in its dtype; the hidden states are kept on the CPU when `offload`.
+    """
+    layers = decoder_layers(model)
+    device = model.get_input_embeddings().weight.device if placement is None else placement.device
+    placeholders = placeholders or placement is not None
+    hidden: list[torch.Tensor] = []
+    calls: list[LayerCall | None] = [None] * len(layers)
+    record_all = True
+
+    def pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h, call = _split_hidden(args, kwargs)
+            if index == 0:
+                hidden.append(h.detach().to("cpu") if offload else h.detach().clone())
+            if record_all:
+                calls[index] = call
+            if (not record_all and index == 0) or (placeholders and index == len(layers) - 1):
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with ExitStack() as stack:
+            if placeholders:
+                stack.enter_context(_placeholder_layers(layers))
+            if placement is not None:
+                head = model.get_output_embeddings()
+                outer = Onload(model, placement, skip=[layers, *([head] if head is not None else [])])
+                stack.callback(outer.release)
+            for b, batch in enumerate(window_batches(windows, batch_size)):
+                record_all = b == 0
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} of {layers_path(model)} were not called in forward")
+    return hidden, [c for c in calls if c is not None]
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer with the inputs it receives from the (possibly already compressed) layers before.
+
+    `inputs` holds one hidden-state tensor [batch, length, hidden] per batch of calibration windows.
+    With a `placement` the layer is on its device for the step, `inputs` and `outputs` are `Activations`
+    (read on the device, kept on the CPU when `offload`), and `release()` sends the layer home early.
+    """
+
+    index: int
+    name: str
+    layer: nn.Module
+    inputs: Sequence[torch.Tensor]
+    call: LayerCall
+    outputs: Sequence[torch.Tensor] | None = None
+    placement: Placement | None = field(default=None, repr=False)
+    offload: bool = field(default=False, repr=False)
+    onload: Onload | None = field(default=None, repr=False, compare=False)
+
+    @torch.inference_mode()
+    def run(self) -> list[torch.Tensor] | Activations:
+        """The layer's outputs on every input window, as the layer is now."""
+        if self.placement is None:
+            return [layer_output(self.layer(h, *self.call.args, **self.call.kwargs)) for h in self.inputs]
+        outputs = []
+        for h in self.inputs:  # one batch on the device at a time; each output offloaded as soon as it is made
+            y = layer_output(self.layer(h, *self.call.args, **self.call.kwargs))
+            outputs.append(y.to(self.placement.storage) if self.offload else y)
+        return Activations(outputs, self.placement.device)
+
+    def release(self) -> None:
+        """Send the layer home now (with a placement; otherwise nothing), e.g. before writing it out.
+
+        Call it once the step's `outputs` are set: the layer does not come back to the device.
+        """
+        if self.onload is not None:
+            self.onload.release()
+
+
+def stream_layers(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "layers",
+    weights: LayerWeights | None = None,
+    start: int = 0,
+    hidden: Sequence[torch.Tensor] | None = None,
+    placement: Placement | None = None,
+) -> Iterator[LayerStep]:
+    """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset).
+
+    `batch_size` windows run through a layer together: faster on a GPU, about the same on a CPU.
+    With `weights` the model's layers are on the meta device: each is loaded before its step and
+    released after it, so one layer's weights and activations are in memory at a time. `start` and
+    `hidden` resume a stream at layer `start` with that layer's saved inputs (a resumed compression).
+    With a `placement` each layer is on its device for its step (see the module docstring).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        offload = placement is not None and not activations_stay(
+            stream_activation_bytes(model, windows, placement), placement, layer_reserve_bytes(model, placement))
+        if weights is not None:
+            weights.load_outer()
+        try:
+            with oom_as_error("capturing the first layer's inputs", None, placement):
+                first, calls = capture_inputs(model, windows, batch_size, placeholders=weights is not None,
+                                              placement=placement, offload=offload)
+        finally:
+            if weights is not None:
+                weights.release_outer()
+        if start and hidden is None:
+            raise ValueError("a stream started after layer 0 needs that layer's inputs (hidden)")
+        hidden = first if hidden is None else hidden
+        if placement is not None:
+            hidden = Activations.keep(hidden, placement, offload)
+        prefix = layers_path(model)
+        layers = decoder_layers(model)
+        for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                      total=len(layers)):
+            layer = weights.load(i) if weights is not None else layers[i]
+            onload = Onload(layer, placement) if placement is not None else None
+            try:
+                step = LayerStep(i, f"{prefix}.{i}", layer, hidden, calls[i], placement=placement, offload=offload,
+                                 onload=onload)
+                yield step
+                if step.outputs is None:
+                    with oom_as_error("running the layer", i, placement):
+                        step.outputs = step.run()
+                hidden = step.outputs
+                del step
+            finally:
+                if onload is not None:
+                    onload.release()
+            if weights is not None:
+                weights.release(i)
+    finally:
+        model.train(was_training)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the hidden states between decoder layers."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return int(model.get_input_embeddings().weight.shape[-1])
+
+
+def stream_activation_bytes(model: nn.Module, windows: torch.Tensor, placement: Placement) -> int:
+    """Bytes of one layer's inputs and outputs on all windows, in the placement's dtype."""
+    return 2 * windows.numel() * hidden_size(model) * placement.dtype.itemsize
+
+
+def layer_reserve_bytes(model: nn.Module, placement: Placement) -> int:
+    """Device memory a layer's step needs beside the activations: the largest layer's weights in the
+    placement's dtype, plus float32 room for quantization temporaries and one Hessian per linear."""
+    from layerwise.model.adapter import linear_modules, linear_shape
+
+    largest = 0
+    for layer in decoder_layers(model):
+        weights = sum(p.numel() for p in layer.parameters())
+        hessians = sum(linear_shape(m)[1] ** 2 for m in linear_modules(layer).values() if hasattr(m, "weight"))
+        largest = max(largest, weights * (placement.dtype.itemsize + 8) + 4 * hessians)
+    return largest
+
+
+def each_layer(
+    model: nn.Module, *, progress: bool = True, desc: str = "layers", weights: LayerWeights | None = None,
+    start: int = 0, placement: Placement | None = None,
+) -> Iterator[LayerStep]:
+    """Yield every decoder layer without activations (weight-only work), loading and releasing it with
+    `weights` when the layers are not in memory, and onloading it for its step with a `placement`."""
+    layers = decoder_layers(model)
+    for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                  total=len(layers)):
+        layer = weights.load(i) if weights is not None else layers[i]
+        onload = Onload(layer, placement) if placement is not None else None
+        try:
+            yield LayerStep(i, str(i), layer, [], LayerCall(), placement=placement, onload=onload)
+        finally:
+            if onload is not None:
+                onload.release()
+        if weights is not None:
+            weights.release(i)

@@ -1,0 +1,76 @@
+"""Export a layerwise checkpoint to a format that loaders without layerwise read.
+
+``hf``: a plain Hugging Face directory (config.json, model.safetensors, tokenizer files) that
+`AutoModelForCausalLM.from_pretrained` loads in a process that never imports layerwise. Plain
+transformers can represent a model with fewer layers (config.json says how many), so pruned-only
+checkpoints export; quantized modules (layerwise's packed format), tied layers (shared weights) and
+dropped sub-layers have no plain-HF form, and such checkpoints are refused with the reason.
+
+``compressed-tensors`` (`layerwise.output.export_compressed_tensors`): pack-quantized, per-module bits, read by
+transformers (and vLLM). ``quanto`` (`layerwise.output.export_quanto`): optimum-quanto's qint2/qint4/qint8
+serialization. Both hold pruned and quantized layers; both refuse ties, dropped sub-layers and the
+bitsandbytes methods, and name any module whose grouping they cannot represent exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Imported for their registrations in EXPORTERS.
+import layerwise.output.export_compressed_tensors  # noqa: F401
+import layerwise.output.export_quanto  # noqa: F401
+from layerwise.core.types import Plan
+from layerwise.model.loading import quiet_transformers
+from layerwise.output.checkpoint import Checkpoint, atomic_dir, check_output_dir, load_checkpoint, read_meta
+from layerwise.output.export_common import EXPORTERS, Exporter, refuse, structure_blockers
+from layerwise.output.paths import check_not_inside
+
+
+class HfExporter(Exporter):
+    name = "hf"
+    title = "a plain Hugging Face model"
+    advice = ("Plain transformers represents pruned layers only; load this checkpoint with layerwise.load, "
+              "or export quantized checkpoints with --format compressed-tensors or quanto")
+
+    def blockers(self, plan: Plan) -> list[str]:
+        quantized = [a.layer for a in plan.layers if a.action == "quantize" or a.overrides]
+        return ([f"layers {quantized} are quantized"] if quantized else []) + structure_blockers(plan)
+
+    def write(self, ckpt: Checkpoint, out: Path) -> None:
+        with quiet_transformers():
+            ckpt.model.save_pretrained(out)
+            if ckpt.tokenizer is not None:
+                ckpt.tokenizer.save_pretrained(out)
+
+
+EXPORTERS.register(HfExporter.name)(HfExporter())
+EXPORT_FORMATS = ("hf", "compressed-tensors", "quanto")
+
+
+def hf_blockers(plan: Plan) -> list[str]:
+    """Why a plan's model cannot be written as a plain HF checkpoint (empty: it can)."""
+    return EXPORTERS.get("hf").blockers(plan)
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", *,
+                      overwrite: bool = False) -> Path:
+    """Write checkpoint `path` in format `fmt` to directory `out`, atomically.
+
+    Refuses, before writing anything, what `fmt` cannot hold exactly: first from layerwise.json (ties,
+    dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express).
+    """
+    check_not_inside(out, [path], "checkpoint")
+    exporter = EXPORTERS.get(fmt)
+    plan = Plan.from_dict(read_meta(path)["plan"])
+    blockers = exporter.blockers(plan)
+    if blockers:
+        raise refuse(path, exporter, blockers)
+    out = check_output_dir(out, overwrite)
+    ckpt = load_checkpoint(path)
+    problems = exporter.check(ckpt)
+    if problems:
+        raise refuse(path, exporter, problems)
+    with atomic_dir(out) as tmp:
+        exporter.write(ckpt, tmp)
+    return out

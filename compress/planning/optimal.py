@@ -1,0 +1,140 @@
+"""The `optimal` planner: one option per layer, minimising the summed measured damage under a budget.
+
+Given, for every layer i and candidate option o, a measured damage D(i, o) (the `sensitivity` scorer)
+and a storage cost C(i, o) in bits (codes plus scale/zero overhead, `QuantSpec.storage_bits`), choose
+o_i for every layer to
+
+    minimise  sum_i D(i, o_i)   subject to   sum_i C(i, o_i) <= budget_bits.
+
+This is a multiple-choice knapsack. It is solved exactly by dynamic programming over layers that keeps
+only the Pareto frontier of partial plans (no other partial plan is both cheaper and less damaging);
+partial plans that cannot be completed within the budget are dropped. Frontiers stay small because
+layers share a few shapes, so the number of distinct costs grows polynomially, not exponentially.
+The same formulation appears as the integer program of "Improving Post Training Neural Quantization:
+Layer-wise Calibration and Integer Programming" (Hubara et al., 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from layerwise.core.budget import layer_bits, n_weights
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import LayerAction, LayerScores, Plan, QuantSpec
+from layerwise.planning.base import PLANNERS, Planner
+
+
+@dataclass(frozen=True)
+class OptimalConfig:
+    """A budget in average bits (required) and the options to choose from."""
+
+    bits: float | None = None
+    options: tuple[QuantSpec, ...] | None = None  # None: every option the scores measured
+
+    def __post_init__(self) -> None:
+        if self.bits is None:
+            raise LayerwiseError("planner 'optimal' needs a budget: give --bits")
+        if self.options is not None and not all(isinstance(o, QuantSpec) for o in self.options):
+            raise LayerwiseError("the optimal planner's options must be QuantSpecs (parse them with parse_options)")
+
+
+def _option_cost(shapes, spec: QuantSpec, layer: int) -> int:
+    return layer_bits(shapes, LayerAction(layer, "quantize", spec.bits, spec.group_size, spec.method, spec.sym))
+
+
+def solve(costs: list[list[int]], damages: list[list[float]], budget: int) -> tuple[list[int], float, int]:
+    """Exact minimum-damage choice of one option per layer with total cost <= budget.
+
+    Returns (option index per layer, total damage, total cost). Ties in damage go to the cheaper plan.
+    """
+    n_layers = len(costs)
+    min_rest = [0] * (n_layers + 1)
+    for i in range(n_layers - 1, -1, -1):
+        min_rest[i] = min_rest[i + 1] + min(costs[i])
+    # Each frontier entry: (cost, damage, index of the parent entry in the previous frontier, option).
+    frontiers: list[list[tuple[int, float, int, int]]] = []
+    previous: list[tuple[int, float, int, int]] = [(0, 0.0, -1, -1)]
+    for i in range(n_layers):
+        candidates = [
+            (cost + c, damage + d, parent, o)
+            for parent, (cost, damage, _, _) in enumerate(previous)
+            for o, (c, d) in enumerate(zip(costs[i], damages[i], strict=True))
+            if cost + c + min_rest[i + 1] <= budget
+        ]
+        candidates.sort(key=lambda e: (e[0], e[1]))
+        frontier: list[tuple[int, float, int, int]] = []
+        for entry in candidates:
+            if not frontier or entry[1] < frontier[-1][1]:
+                frontier.append(entry)
+        frontiers.append(frontier)
+        previous = frontier
+    best = min(range(len(previous)), key=lambda k: (previous[k][1], previous[k][0]))
+    total_cost, total_damage = previous[best][0], previous[best][1]
+    choice = [0] * n_layers
+    for i in range(n_layers - 1, -1, -1):
+        _, _, parent, option = frontiers[i][best]
+        choice[i] = option
+        best = parent
+    return choice, total_damage, total_cost
+
+
+@PLANNERS.register("optimal")
+class OptimalPlanner(Planner):
+    """The least summed measured damage under the budget, one option per layer (`solve`)."""
+
+    name: ClassVar[str] = "optimal"
+    Config: ClassVar[type[OptimalConfig]] = OptimalConfig
+    requires: ClassVar[frozenset[str]] = frozenset({"option_damage"})
+
+    def plan(self, scores: LayerScores, config: OptimalConfig) -> Plan:
+        assert config.bits is not None  # OptimalConfig refuses a missing budget
+        if not scores.option_damage:
+            raise LayerwiseError(
+                f"the optimal planner needs measured damage per option, which scorer {scores.scorer!r} does not "
+                "provide; score with --scorer sensitivity"
+            )
+        measured = {label: QuantSpec.parse_option(label) for label in scores.option_damage}
+        options = list(config.options) if config.options else list(measured.values())
+        missing = [o.option() for o in options if o.option() not in scores.option_damage]
+        if missing:
+            raise LayerwiseError(
+                f"options {', '.join(missing)} were not measured by the scorer (measured: "
+                f"{', '.join(scores.option_damage)}); score again with --options including them"
+            )
+        shapes = scores.linear_shapes
+        total_weights = sum(n_weights(s) for s in shapes)
+        costs = [[_option_cost(shapes[i], o, i) for o in options] for i in range(scores.n_layers)]
+        damages = [[scores.option_damage[o.option()][i] for o in options] for i in range(scores.n_layers)]
+        budget = int(config.bits * total_weights)
+        cheapest = sum(min(c) for c in costs) / total_weights
+        richest = sum(max(c) for c in costs) / total_weights
+        labels = ", ".join(o.option() for o in options)
+        if budget < sum(min(c) for c in costs):
+            raise LayerwiseError(
+                f"budget {config.bits} bits is below the cheapest option: every layer at its cheapest of "
+                f"{labels} costs {cheapest:.4f} bits per weight; raise --bits or add a cheaper option"
+            )
+        if config.bits > richest + 1e-9:
+            raise LayerwiseError(
+                f"budget {config.bits} bits is above the richest option: every layer at its richest of {labels} "
+                f"costs {richest:.4f} bits per weight; lower --bits or add a richer option (e.g. 8:128)"
+            )
+        choice, damage, cost = solve(costs, damages, budget)
+        actions = [
+            LayerAction(i, "quantize", options[o].bits, options[o].group_size, options[o].method, options[o].sym)
+            for i, o in enumerate(choice)
+        ]
+        return Plan(
+            layers=actions,
+            target_bits=config.bits,
+            avg_bits=cost / total_weights,
+            made_by={
+                "planner": "optimal",
+                "scorer": scores.scorer,
+                "model": scores.model,
+                "bits": config.bits,
+                "options": [o.option() for o in options],
+                "predicted_damage": damage,
+            },
+        )
