@@ -1,4 +1,38 @@
-"""The Python API: score, plan, apply, or all three in one `compress()` call."""
+"""The Python API: score, plan, apply, or all three in one `compress()` call.
+
+`compress()` in full.
+
+`model_or_path`: an ``AutoModelForCausalLM`` (pass its `tokenizer` for scorers that read text), a
+local HF directory, a hub id, or None / ``"smollm2-135m"`` for the built-in default model.
+`bits`: average bits per decoder weight including scale/zero overhead (non-integer is the point).
+The default (`scorer="sensitivity"`, planner `optimal`, `method="gptq"`) measures the damage of
+every option in `options` (default ``DEFAULT_OPTIONS``, each with `method` unless it names one) on
+each layer and picks the least damaging mix that fits `bits`: the lowest perplexity measured
+(docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
+to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`
+(default 128). The planner arguments (`group_size`, `high`, `low`, `sym`, `order`, `seed`, `n_low`,
+`options`) left at None are not given: the planner uses its own defaults, and refuses one it does not take.
+
+Structure (layerwise.planning.structure): `prune` layers (chosen by `prune_scorer`, default
+`DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop
+`drop_attn` attention and `drop_mlp` MLP sub-layers (`sublayer` scorer), `tie` layers to their
+neighbours (`tie` scorer; `tie_mode` first or average). These happen first; the layers left are then
+quantized to meet `bits` over the original model's weights (pruned weights free budget), or not at
+all when `bits` and `uniform` are None.
+
+`out`: also write the checkpoint there (as `save`; `overwrite` replaces an existing one). With `out`
+and a model given by path, `stream` picks streaming compression (layerwise.engine.streaming: one decoder
+layer in memory at a time, each written out as it finishes; the returned result's `model` is then
+None, load the checkpoint with `layerwise.load`): True forces it, False forbids it, None (default)
+streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory available. `resume`
+continues an interrupted streamed compression into `out` from its last finished layer (it implies
+streaming); the recipe must be the one the run started with.
+
+`device`: ``auto`` (default: CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. The weights stay on
+the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
+forward, scoring and quantization, then back. `dtype`: ``float32``, ``bfloat16`` or ``float16`` (default:
+the checkpoint's own on a GPU, float32 on the CPU); Hessians and GPTQ arithmetic are float32 always.
+"""
 
 from __future__ import annotations
 
@@ -130,36 +164,14 @@ def compress(
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
-    `model_or_path`: an ``AutoModelForCausalLM`` (pass its `tokenizer` for scorers that read text), a
-    local HF directory, a hub id, or None / ``"smollm2-135m"`` for the built-in default model.
-    `bits`: average bits per decoder weight including scale/zero overhead (non-integer is the point).
-    The default (`scorer="sensitivity"`, planner `optimal`, `method="gptq"`) measures the damage of
-    every option in `options` (default ``DEFAULT_OPTIONS``, each with `method` unless it names one) on
-    each layer and picks the least damaging mix that fits `bits`: the lowest perplexity measured
-    (docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
-    to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`
-    (default 128). The planner arguments (`group_size`, `high`, `low`, `sym`, `order`, `seed`, `n_low`,
-    `options`) left at None are not given: the planner uses its own defaults, and refuses one it does not take.
-
-    Structure (layerwise.planning.structure): `prune` layers (chosen by `prune_scorer`, default
-    `DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop
-    `drop_attn` attention and `drop_mlp` MLP sub-layers (`sublayer` scorer), `tie` layers to their
-    neighbours (`tie` scorer; `tie_mode` first or average). These happen first; the layers left are then
-    quantized to meet `bits` over the original model's weights (pruned weights free budget), or not at
-    all when `bits` and `uniform` are None.
-
-    `out`: also write the checkpoint there (as `save`; `overwrite` replaces an existing one). With `out`
-    and a model given by path, `stream` picks streaming compression (layerwise.engine.streaming: one decoder
-    layer in memory at a time, each written out as it finishes; the returned result's `model` is then
-    None, load the checkpoint with `layerwise.load`): True forces it, False forbids it, None (default)
-    streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory available. `resume`
-    continues an interrupted streamed compression into `out` from its last finished layer (it implies
-    streaming); the recipe must be the one the run started with.
-
-    `device`: ``auto`` (default: CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. The weights stay on
-    the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
-    forward, scoring and quantization, then back. `dtype`: ``float32``, ``bfloat16`` or ``float16`` (default:
-    the checkpoint's own on a GPU, float32 on the CPU); Hessians and GPTQ arithmetic are float32 always.
+    `model_or_path`: a model object (with its `tokenizer`), a local HF directory, a hub id, or None for the
+    built-in default model. `bits`: average bits per decoder weight, scale/zero overhead included; the
+    default path measures each option's damage per layer (`sensitivity`), allocates (`optimal`) and
+    quantizes (`gptq`). `uniform=b`: every layer at b bits. Planner arguments left at None are not given
+    (the planner's defaults apply; one it does not take is refused). `prune`/`drop_attn`/`drop_mlp`/`tie`
+    remove structure first. `out` writes the checkpoint; `stream`/`resume` read the model one layer at a
+    time into a resumable work directory. `device`/`dtype` place each layer's work. The module docstring
+    (`help(layerwise.api)`) says each argument in full.
     """
     check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
                   prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerwise.core.errors import LayerwiseError
 from layerwise.data.corpora import load_text, token_windows
+from layerwise.model.layer_calls import nll_sum, shifted_targets
 from layerwise.model.placement import Placement, sequential_onload
 
 
@@ -132,23 +132,19 @@ def perplexity_on_windows(
     device = next(model.parameters()).device if placement is None else placement.device
     was_training = model.training
     model.eval()
-    nll_sum, n_tokens = 0.0, 0
+    total, n_tokens = 0.0, 0
     try:
         with tqdm(total=windows.shape[0], desc=desc, unit="window", disable=not progress) as bar, \
                 sequential_onload(model, placement, what=desc):
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-                labels = batch[:, 1:]
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
-                )
-                nll_sum += loss.item()
-                n_tokens += labels.numel()
+                logits = model(input_ids=batch, use_cache=False).logits
+                total += nll_sum(logits, shifted_targets(batch)).item()
+                n_tokens += batch.shape[0] * (batch.shape[1] - 1)
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-    return nll_sum, n_tokens
+    return total, n_tokens
 
 
 def check_context_length(model, window_len: int) -> None:

@@ -33,23 +33,19 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers
 from layerwise.model.driver import LayerStep, window_batches
+from layerwise.model.layer_calls import nll_sum, overridden_forward, shifted_targets, split_hidden
 from layerwise.model.placement import pass_through, sequential_onload
 
 # 16 windows x 512 tokens = 8 k tokens: each round compares whole-model losses, whose differences between
 # candidates are far above the token-sampling noise at that size, while the cost (about N^2 / 6 forwards
 # for N layers and the default N / 3 removals) grows linearly with the windows.
 DEFAULT_WINDOWS = 16
-
-
-def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 @contextmanager
@@ -60,33 +56,21 @@ def bypassed(layers: nn.ModuleList, skip: set[int], replace: dict[int, torch.Ten
     the instance (e.g. by accelerate's hooks) is put back afterwards.
     """
     replace = replace or {}
-    saved = {i: layers[i].__dict__.get("forward") for i in skip | set(replace)}
 
     def passing(index: int):
         @pass_through  # reads no weights: `sequential_onload` leaves the layer home
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return replace[index] if index in replace else _hidden_of(args, kwargs)
+            return replace[index] if index in replace else split_hidden(args, kwargs)[0]
 
         return forward
 
-    try:
-        for i in saved:
-            layers[i].forward = passing(i)
+    with overridden_forward({layers[i]: passing(i) for i in skip | set(replace)}):
         yield
-    finally:
-        for i, forward in saved.items():
-            if forward is None:
-                layers[i].__dict__.pop("forward", None)
-            else:
-                layers[i].forward = forward
 
 
 def batch_nll(model: nn.Module, batch: torch.Tensor) -> float:
     """Summed next-token NLL of a batch of windows under the model's own forward."""
-    logits = model(input_ids=batch, use_cache=False).logits
-    targets = torch.full_like(batch, -100)
-    targets[:, :-1] = batch[:, 1:]
-    return float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+    return float(nll_sum(model(input_ids=batch, use_cache=False).logits, shifted_targets(batch)))
 
 
 @SCORERS.register("ppl_drop")
@@ -166,7 +150,7 @@ class PplDropScorer(LayerScorer):
 
         def record(index: int):
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                cache[index].append(_hidden_of(args, kwargs))
+                cache[index].append(split_hidden(args, kwargs)[0])
 
             return hook
 

@@ -30,15 +30,23 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from layerwise.core.progress import bar
 from layerwise.core.types import QuantSpec, parse_options
 from layerwise.engine.applier import checked_hessians, needs_hessian
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers, linear_modules, set_submodule
-from layerwise.model.driver import LayerStep, layer_output
+from layerwise.model.driver import LayerStep
+from layerwise.model.layer_calls import (
+    layer_output,
+    nll_sum,
+    overridden_forward,
+    replace_hidden,
+    shifted_targets,
+    split_hidden,
+)
 from layerwise.model.placement import Placement, onloaded, sequential_onload
 from layerwise.quant import SharedInputHessians, dense_weights, quantize_modules
 
@@ -83,7 +91,8 @@ class SensitivityScorer(LayerScorer):
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         assert windows is not None
-        self._fisher = output_fisher(model, windows[: self.damage_windows], batch_size, placement=self.placement)
+        self._fisher = output_fisher(model, windows[: self.damage_windows], batch_size, placement=self.placement,
+                                     progress=self.progress)
 
     def observe(self, step: LayerStep) -> AbstractContextManager[object]:
         # GPTQ options need the layer's Hessians: collected during the stream's own reference run.
@@ -128,7 +137,8 @@ class SensitivityScorer(LayerScorer):
 
 
 def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                  chunk_tokens: int = LOSS_CHUNK_TOKENS, *, placement: Placement | None = None) -> list[torch.Tensor]:
+                  chunk_tokens: int = LOSS_CHUNK_TOKENS, *, placement: Placement | None = None,
+                  progress: bool = False) -> list[torch.Tensor]:
     """Per decoder layer, the mean over tokens of the squared gradient of the NLL w.r.t. its output.
 
     One forward and backward pass over `windows`; parameters do not get gradients (only the hidden
@@ -150,9 +160,7 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def make_input_require_grad(module: nn.Module, args: tuple, kwargs: dict):
-        if args:
-            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+        return replace_hidden(args, kwargs, split_hidden(args, kwargs)[0].detach().requires_grad_(True))
 
     def keep_grad(index: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -165,21 +173,20 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
 
     handles = [layers[0].register_forward_pre_hook(make_input_require_grad, with_kwargs=True)]
     handles += [layer.register_forward_hook(keep_grad(i)) for i, layer in enumerate(layers)]
+    checkpointed = {layer: _checkpointed(layer.forward, layer, placement) for layer in layers}
+    batches = windows.split(batch_size)
     try:
-        for layer in layers:
-            layer.forward = _checkpointed(layer.forward, layer, placement)
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad(), sequential_onload(model, placement, what="the Fisher pass of sensitivity"):
-            for batch in windows.split(batch_size):
+        with torch.enable_grad(), overridden_forward(checkpointed), \
+                sequential_onload(model, placement, what="the Fisher pass of sensitivity"):
+            for batch in bar(batches, desc="sensitivity: Fisher pass", unit="batch", disable=not progress):
                 batch = batch.to(device)
                 _backward_nll(model, batch, chunk_tokens)
                 n_tokens += batch.shape[0] * batch.shape[1]
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers:
-            layer.__dict__.pop("forward", None)  # back to the class's forward
         for p, flag in flags:
             p.requires_grad_(flag)
     return [s / n_tokens for s in sums]
@@ -192,14 +199,12 @@ def _backward_nll(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> N
     pass (3 x 100 MB per 512-token window on the default model); in chunks, memory holds one chunk's worth.
     Models whose logits are rescaled in ways not reproduced here run the head whole.
     """
-    # Targets shifted in place of the logits: slicing off the last position would copy the logits.
-    targets = torch.full_like(batch, -100)
-    targets[:, :-1] = batch[:, 1:]
+    targets = shifted_targets(batch)
     head = model.get_output_embeddings()
     config = model.config
     if head is None or any(getattr(config, k, None) is not None for k in _UNCHUNKED_LOGIT_SCALING):
         logits = model(input_ids=batch, use_cache=False).logits
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").backward()
+        nll_sum(logits, targets).backward()
         return
     cap = getattr(config, "final_logit_softcapping", None)
     hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
@@ -209,7 +214,7 @@ def _backward_nll(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> N
         logits = head(leaf[:, piece]).float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        F.cross_entropy(logits.flatten(0, 1), targets[:, piece].flatten(), reduction="sum").backward()
+        nll_sum(logits, targets[:, piece]).backward()
     hidden.backward(leaf.grad)
 
 

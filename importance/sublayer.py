@@ -28,7 +28,8 @@ from torch import nn
 from layerwise.core.errors import LayerwiseError
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import contribution_names
-from layerwise.model.driver import LayerStep, layer_output
+from layerwise.model.driver import LayerStep
+from layerwise.model.layer_calls import layer_output
 
 
 def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:

@@ -34,7 +34,8 @@ from torch.func import functional_call
 
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers
-from layerwise.model.driver import LayerStep, layer_output
+from layerwise.model.driver import LayerStep
+from layerwise.model.layer_calls import layer_output
 
 DEFAULT_MAX_OFFSET = 3
 # 16 windows x 512 tokens: each offset costs one more run of every layer on them, and the ratio of two

@@ -7,8 +7,9 @@ folders that form the package come from pyproject's package-dir, as the installe
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

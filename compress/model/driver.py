@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerwise.model.adapter import decoder_layers, layers_path
+from layerwise.model.layer_calls import LayerCall, layer_output, overridden_forward, split_hidden
 from layerwise.model.placement import Activations, Onload, Placement, activations_stay, oom_as_error, pass_through
 
 
@@ -59,39 +60,10 @@ def _placeholder_layers(layers: nn.ModuleList) -> Iterator[None]:
 
     @pass_through
     def identity(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return _split_hidden(args, kwargs)[0]
+        return split_hidden(args, kwargs)[0]
 
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        layer.forward = identity
-    try:
+    with overridden_forward(dict.fromkeys(layers, identity)):
         yield
-    finally:
-        for layer, forward in zip(layers, saved, strict=True):
-            if forward is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = forward
-
-
-@dataclass
-class LayerCall:
-    """The arguments a decoder layer was called with, apart from its hidden-state input."""
-
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
-    kwargs = dict(kwargs)
-    if args:
-        return args[0], LayerCall(tuple(args[1:]), kwargs)
-    return kwargs.pop("hidden_states"), LayerCall((), kwargs)
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -128,7 +100,7 @@ def capture_inputs(
 
     def pre_hook(index: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            h, call = _split_hidden(args, kwargs)
+            h, call = split_hidden(args, kwargs)
             if index == 0:
                 hidden.append(h.detach().to("cpu") if offload else h.detach().clone())
             if record_all:

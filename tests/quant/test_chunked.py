@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layerwise.core import bitstream as packing
 from layerwise.core.types import QuantSpec
-from layerwise.quant import QuantLinear, packing, quantize_gptq_shared, quantize_rtn, relative_error, squared_norm
+from layerwise.quant import QuantLinear, quantize_gptq_shared, quantize_rtn, relative_error, squared_norm
 from layerwise.quant.quantized import all_finite
 
 
