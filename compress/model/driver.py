@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from layerwise.core.progress import bar
 from layerwise.model.adapter import decoder_layers, layers_path
 from layerwise.model.layer_calls import LayerCall, layer_output, overridden_forward, split_hidden
 from layerwise.model.placement import Activations, Onload, Placement, activations_stay, oom_as_error, pass_through
@@ -214,8 +214,8 @@ def stream_layers(
             hidden = Activations.keep(hidden, placement, offload)
         prefix = layers_path(model)
         layers = decoder_layers(model)
-        for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
-                      total=len(layers)):
+        for i in bar(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                     total=len(layers)):
             layer = weights.load(i) if weights is not None else layers[i]
             onload = Onload(layer, placement) if placement is not None else None
             try:
@@ -272,8 +272,8 @@ def each_layer(
     """Yield every decoder layer without activations (weight-only work), loading and releasing it with
     `weights` when the layers are not in memory, and onloading it for its step with a `placement`."""
     layers = decoder_layers(model)
-    for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
-                  total=len(layers)):
+    for i in bar(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
+                 total=len(layers)):
         layer = weights.load(i) if weights is not None else layers[i]
         onload = Onload(layer, placement) if placement is not None else None
         try:
