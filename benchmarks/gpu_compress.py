@@ -226,8 +226,7 @@ def run_gptq(args, placement, windows, clock: Clock) -> dict[str, Any]:
 def run_sensitivity(args, placement, windows, clock: Clock) -> dict[str, Any]:
     from layerwise.engine.applier import apply_plan
     from layerwise.importance import score_model
-    from layerwise.planning.optimal import OptimalConfig
-    from layerwise.planning.planners import PLANNERS
+    from layerwise.planning.planners import make_plan
 
     model = build_model(args, placement.dtype, placement.device)
     log: dict[str, Any] = {}
@@ -236,7 +235,7 @@ def run_sensitivity(args, placement, windows, clock: Clock) -> dict[str, Any]:
         scores = score_model(model, [name], windows, scorer_options={name: {"method": "gptq"}},
                              batch_size=args.batch_size, progress=False, placement=placement)[name]
     score_seconds = time.perf_counter() - start
-    plan = PLANNERS.get("optimal")(scores, OptimalConfig(bits=args.bits))
+    plan = make_plan(scores, args.bits, planner="optimal")
     apply_layers: list[dict[str, Any]] = []
     clock.start()
     start = time.perf_counter()
