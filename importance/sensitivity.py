@@ -35,7 +35,6 @@ from torch.utils.checkpoint import checkpoint
 
 from layerwise.core.progress import bar
 from layerwise.core.types import QuantSpec, parse_options
-from layerwise.engine.applier import checked_hessians, needs_hessian
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers, linear_modules, set_submodule
 from layerwise.model.driver import LayerStep
@@ -49,6 +48,8 @@ from layerwise.model.layer_calls import (
 )
 from layerwise.model.placement import Placement, onloaded, sequential_onload
 from layerwise.quant import SharedInputHessians, dense_weights, quantize_modules
+from layerwise.quant.gptq import checked_hessians
+from layerwise.quant.registry import needs_hessian
 
 # 3- and 4-bit at group 256 as well as 128: at group 128 a 3-bit layer costs 3.27 bits on the default
 # model (partial last groups), so a 3.25 budget would force some layers down to 2 bits, which this model

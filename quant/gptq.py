@@ -37,6 +37,7 @@ import torch
 from layerwise.core.bitstream import PackFormat, pack, row_chunks
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
+from layerwise.quant.hessian import SharedInputHessians
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import group_params
@@ -422,3 +423,16 @@ class GptqQuantizer(Quantizer):
         self, weights: list[torch.Tensor], specs: list[QuantSpec], hessian: torch.Tensor | None
     ) -> list[QuantizedWeight]:
         return quantize_gptq_shared(weights, specs, hessian)
+
+
+def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor]:
+    """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
+    for name, (n_tokens, in_features) in collector.token_counts().items():
+        needed = min_calibration_tokens(in_features)
+        if n_tokens < needed:
+            warnings.warn(
+                f"layer {layer} {name}: {n_tokens} calibration tokens for {in_features} inputs; "
+                f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
+                stacklevel=3,
+            )
+    return collector.hessians()

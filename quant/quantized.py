@@ -13,6 +13,7 @@ import torch
 from layerwise.core.bitstream import PackFormat
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
+from layerwise.model.adapter import all_finite  # noqa: F401  (re-exported)
 from layerwise.quant.codecs import BUFFER_NAMES, codec_for
 
 
@@ -67,16 +68,6 @@ class QuantizedWeight:
     def storage_bits(self) -> int:
         """Bits this weight occupies (codes with padding, scales, zeros), as the planner budgets it."""
         return self.spec.storage_bits(self.out_features, self.in_features)
-
-
-def all_finite(tensor: torch.Tensor, chunk: int = 2**22) -> bool:
-    """Whether every value of `tensor` is finite, checked `chunk` values at a time.
-
-    ``torch.isfinite`` of a float tensor builds a full-size ``abs()`` copy and two boolean masks; on an
-    11008 x 11008 Hessian that is 0.7 GiB more than the tensor itself, in pieces it is a few MiB.
-    """
-    flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(piece).all()) for piece in flat.split(chunk))
 
 
 def check_weight(weight: torch.Tensor, method: str) -> None:

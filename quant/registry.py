@@ -44,3 +44,12 @@ class Quantizer(ABC):
 
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")
+
+
+def method_needs_hessian(method: str) -> bool:
+    """Whether quantizer `method` reads calibration activations (its class's `needs_hessian`)."""
+    return QUANTIZERS.get(method).needs_hessian
+
+
+def needs_hessian(spec: QuantSpec | None) -> bool:
+    return spec is not None and method_needs_hessian(spec.method)

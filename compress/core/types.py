@@ -416,6 +416,23 @@ class Plan:
         return cls.from_dict(read_json(path, "plan"))
 
 
+@dataclass
+class LayerOutcome:
+    """What applying one layer's action did: the spec of every module and its relative weight error."""
+
+    layer: int
+    specs: dict[str, QuantSpec | None] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    sq_norms: dict[str, float] = field(default_factory=dict)  # ||W||_F^2 of each quantized module
+
+    def layer_error(self) -> float | None:
+        """Relative error of the layer's quantized linears taken together: ||W - Q(W)||_F / ||W||_F."""
+        total = sum(self.sq_norms.values())
+        if not total:
+            return None
+        return (sum(self.errors[n] ** 2 * self.sq_norms[n] for n in self.errors) / total) ** 0.5
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -3,15 +3,14 @@ the `QuantLinear` its action asks for."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import Plan, QuantSpec
+from layerwise.core.types import LayerOutcome, Plan, QuantSpec
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_weight, set_submodule
 from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.model.placement import Placement, oom_as_error
@@ -19,28 +18,12 @@ from layerwise.quant import (
     QUANTIZERS,
     SharedInputHessians,
     dense_weights,
-    min_calibration_tokens,
     quantize_modules,
     relative_error,
     squared_norm,
 )
-
-
-@dataclass
-class LayerOutcome:
-    """What applying one layer's action did: the spec of every module and its relative weight error."""
-
-    layer: int
-    specs: dict[str, QuantSpec | None] = field(default_factory=dict)
-    errors: dict[str, float] = field(default_factory=dict)
-    sq_norms: dict[str, float] = field(default_factory=dict)  # ||W||_F^2 of each quantized module
-
-    def layer_error(self) -> float | None:
-        """Relative error of the layer's quantized linears taken together: ||W - Q(W)||_F / ||W||_F."""
-        total = sum(self.sq_norms.values())
-        if not total:
-            return None
-        return (sum(self.errors[n] ** 2 * self.sq_norms[n] for n in self.errors) / total) ** 0.5
+from layerwise.quant.gptq import checked_hessians
+from layerwise.quant.registry import method_needs_hessian, needs_hessian  # noqa: F401  (the engine's names for them)
 
 
 def check_plan_fits(plan: Plan, model: nn.Module) -> None:
@@ -105,15 +88,6 @@ def _action_specs(action) -> list[QuantSpec]:
     return [s for s in [base, *action.overrides.values()] if s is not None]
 
 
-def method_needs_hessian(method: str) -> bool:
-    """Whether quantizer `method` reads calibration activations (its class's `needs_hessian`)."""
-    return QUANTIZERS.get(method).needs_hessian
-
-
-def needs_hessian(spec: QuantSpec | None) -> bool:
-    return spec is not None and method_needs_hessian(spec.method)
-
-
 def plan_needs_calibration(plan: Plan, method: str) -> bool:
     """True when some module's method (GPTQ) reads calibration activations."""
     return any(
@@ -151,19 +125,6 @@ def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str
     with SharedInputHessians(modules) as collector:
         step.run()
     return checked_hessians(step.index, collector)
-
-
-def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor]:
-    """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
-    for name, (n_tokens, in_features) in collector.token_counts().items():
-        needed = min_calibration_tokens(in_features)
-        if n_tokens < needed:
-            warnings.warn(
-                f"layer {layer} {name}: {n_tokens} calibration tokens for {in_features} inputs; "
-                f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
-                stacklevel=3,
-            )
-    return collector.hessians()
 
 
 @torch.no_grad()

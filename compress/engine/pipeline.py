@@ -27,8 +27,6 @@ from layerwise.engine.applier import (
     apply_plan,
     apply_structure,
     check_plan_fits,
-    method_needs_hessian,
-    needs_hessian,
     plan_needs_calibration,
     resolve_methods,
 )
@@ -45,6 +43,7 @@ from layerwise.output.report import Report, build_report
 from layerwise.planning.planners import PLANNERS, check_planner_accepts, make_plan, uniform_plan
 from layerwise.planning.structure import plan_structure
 from layerwise.quant import QUANTIZERS
+from layerwise.quant.registry import method_needs_hessian, needs_hessian
 
 Source = ResidentSource | StreamedSource
 Sink = MemorySink | WorkDirSink

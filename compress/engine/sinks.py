@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from layerwise.core.types import LayerScores, Plan, read_json
-from layerwise.engine.applier import LayerOutcome
+from layerwise.core.types import LayerOutcome, LayerScores, Plan, read_json
 from layerwise.engine.streaming import PLAN_FILE, RUN_FILE, SCORES_FILE, WorkDir, partial_dir, partial_exists
 from layerwise.model.driver import LayerStep
 from layerwise.model.loading import quiet_transformers

@@ -57,13 +57,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import (
+    LayerOutcome,
     QuantSpec,
     read_json,
     write_file_atomic,
     write_json_atomic,
-)
-from layerwise.engine.applier import (
-    LayerOutcome,
 )
 from layerwise.model.adapter import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.model.driver import LayerStep

@@ -8,8 +8,7 @@ from typing import Any
 from torch import nn
 
 from layerwise.core.budget import KEEP_BITS, layer_bits, n_weights
-from layerwise.core.types import LayerAction, LayerScores, LinearShapes, Plan
-from layerwise.engine.applier import LayerOutcome
+from layerwise.core.types import LayerAction, LayerOutcome, LayerScores, LinearShapes, Plan
 from layerwise.model.adapter import decoder_layers, linear_modules
 
 
