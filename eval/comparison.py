@@ -31,7 +31,7 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol
 from layerwise.eval.results import LOWER_IS_BETTER, PPL_TASK, EvalResult
 
-REPORT_FORMAT = "layerwise.output.report"
+REPORT_FORMAT = "layerwise.report"
 REPORT_SCHEMA_VERSION = 1
 FILES = ("report.md", "results.json", "per_layer.png", "ppl_vs_size.png")
 PLOT_INSTALL = "pip install 'layerwise[eval]'"

@@ -16,7 +16,7 @@ from layerwise.core.types import Plan
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.planning.structure import StructureConfig
 
-RECIPE_FORMAT = "layerwise.engine.recipe"
+RECIPE_FORMAT = "layerwise.recipe"
 RECIPE_VERSION = 1
 DEFAULT_SCORER = "sensitivity"
 DEFAULT_METHOD = "gptq"

@@ -31,7 +31,7 @@ from layerwise.core.types import Plan
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_shape, set_submodule
 from layerwise.quant import QuantLinear
 
-FORMAT = "layerwise.output.checkpoint"
+FORMAT = "layerwise.checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "layerwise.json"
 WEIGHTS_FILE = "model.safetensors"

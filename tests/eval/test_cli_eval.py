@@ -116,7 +116,7 @@ def test_report_compares_the_original_and_checkpoints(tiny_model_dir, checkpoint
     assert "## Per-layer plan" in md and "score (lim)" in md
     assert "pruned" in md and "tied to" in md and "attn dropped" in md and "4b g32 rtn" in md
     data = json.loads((out / "results.json").read_text())
-    assert data["format"] == "layerwise.output.report" and data["schema_version"] == 1
+    assert data["format"] == "layerwise.report" and data["schema_version"] == 1
     entries = {e["name"]: e for e in data["inputs"]}
     assert entries[tiny_model_dir.name]["avg_bits"] == 16.0 and entries[tiny_model_dir.name]["layers"] == []
     assert entries["mixed"]["avg_bits"] <= 3.5 and {layer["bits"] for layer in entries["mixed"]["layers"]} == {2, 4}
