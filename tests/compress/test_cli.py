@@ -184,13 +184,13 @@ def test_bad_device_or_dtype_refused_first(command, flags, message, tmp_path, ca
                                                  ("compress", "layerwise.api.compress"),
                                                  ("eval", "layerwise.eval.evaluate")])
 @pytest.mark.parametrize(("flags", "cuda", "expected"), [
-    ([], False, {}),
-    (["--device", "cpu", "--dtype", "fp32"], True, {}),
+    ([], False, {"device": torch.device("cpu"), "dtype": torch.float32}),
+    (["--device", "cpu", "--dtype", "fp32"], True, {"device": torch.device("cpu"), "dtype": torch.float32}),
     (["--dtype", "bfloat16"], False, {"device": torch.device("cpu"), "dtype": torch.bfloat16}),
     ([], True, {"device": torch.device("cuda"), "dtype": torch.float32}),  # the tiny model's config says float32
     (["--device", "cuda:1", "--dtype", "fp16"], True, {"device": torch.device("cuda", 1), "dtype": torch.float16}),
 ], ids=["default", "cpu-fp32", "bf16", "auto-gpu", "cuda1-fp16"])
-def test_device_and_dtype_are_passed_on_only_when_not_cpu_float32(command, target, flags, cuda, expected,
+def test_device_and_dtype_are_resolved_and_passed_on(command, target, flags, cuda, expected,
                                                                   tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2 if cuda else 0)
