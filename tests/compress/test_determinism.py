@@ -21,7 +21,7 @@ WINDOWS = random_windows(8, 32, seed=1)
 CASES = {
     "lim-lwq-rtn": dict(bits=3.25, scorer="lim", method="rtn", group_size=32),
     "uniform-gptq": dict(uniform=3, method="gptq", group_size=32),
-    "sensitivity-optimal-gptq": dict(bits=3.25, options="2:32,3:32,4:32", group_size=32),
+    "sensitivity-optimal-gptq": dict(bits=3.25, options="2:32,3:32,4:32"),
     "random-order-rtn": dict(bits=3.0, scorer="zd", order="random", seed=3, method="rtn", group_size=32),
 }
 
@@ -45,7 +45,7 @@ def test_identical_bytes_across_processes(tiny_model_dir, tmp_path):
         out = tmp_path / f"ckpt-{seed}"
         env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
         argv = [sys.executable, "-m", "layerwise.cli", "--quiet", "compress", str(tiny_model_dir), "--bits", "3.25",
-                "--options", "2:32,3:32,4:32", "--group-size", "32", "--calib", "pydoc", "--calib-windows", "6",
+                "--options", "2:32,3:32,4:32", "--calib", "pydoc", "--calib-windows", "6",
                 "--calib-len", "32", "--out", str(out)]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
