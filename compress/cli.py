@@ -1,7 +1,9 @@
 """The `layerwise` command line: score, plan, apply, compress, export, eval, report.
 
-Every failure the user can fix is a `LayerwiseError`, printed as one line with exit code 2; outputs
-are checked before any slow work starts and written atomically at the end.
+Every failure the user can fix is a `LayerwiseError`, printed as one line with exit code 2; a bad flag
+value (a number out of range, NaN) is an argparse error, one line with exit code 2 too. --device/--dtype,
+and outputs (never inside an input), are checked before any slow work starts; outputs are written
+atomically at the end.
 """
 
 from __future__ import annotations
