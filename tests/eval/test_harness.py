@@ -149,7 +149,6 @@ def test_a_placement_runs_every_forward_on_its_device_in_its_dtype(tiny):
     import torch
 
     from layerwise.model.adapter import decoder_layers
-    from layerwise.model.placement import Placement
 
     model, tokenizer = tiny
     seen = []
@@ -160,7 +159,7 @@ def test_a_placement_runs_every_forward_on_its_device_in_its_dtype(tiny):
     handle = decoder_layers(model)[0].register_forward_pre_hook(spy, with_kwargs=True)
     try:
         placed = evaluate(model, "ppl,wiki_mc", tokenizer=tokenizer, limit=3, batch_size=2, protocol=SMALL,
-                          progress=False, placement=Placement("cpu", torch.bfloat16))
+                          progress=False, device="cpu", dtype="bfloat16")
     finally:
         handle.remove()
     assert len(seen) > 4 and set(seen) == {torch.bfloat16}  # ppl's 4 windows, then lm-eval's requests
