@@ -300,10 +300,12 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from layerwise.model.device import resolve_device, resolve_dtype
     from layerwise.model.placement import Placement
 
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
-    placement = Placement.of(args.device, args.dtype, offload)
+    device = resolve_device(args.device)
+    placement = Placement(device, resolve_dtype(args.dtype, device, None), offload)
     directory = out_dir(args)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -70,15 +70,23 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device,
             return torch.float32
         assert checkpoint_dtype is not None
         return checkpoint_dtype
+    dtype = parse_dtype(spec)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise LayerwiseError("dtype float16 is refused on the CPU: many CPU kernels lack float16 or run it much "
+                             "slower than float32, and its range (max 65504) overflows in activations; use "
+                             "--dtype bfloat16 or float32 on the CPU")
+    return dtype
+
+
+def parse_dtype(spec: str | torch.dtype) -> torch.dtype:
+    """The float type `spec` names (a name, an alias or a torch dtype), whatever the device."""
+    if isinstance(spec, torch.dtype) and spec in DTYPES.values():
+        return spec
     shown = str(spec).removeprefix("torch.")
     name = DTYPE_ALIASES.get(shown.strip().lower(), shown.strip().lower())
     if name not in DTYPES:
         aliases = ", ".join(f"{a} = {n}" for a, n in DTYPE_ALIASES.items())
         raise LayerwiseError(f"unknown dtype {shown!r}; choose one of {', '.join(DTYPES)} ({aliases})")
-    if name == "float16" and device.type == "cpu":
-        raise LayerwiseError("dtype float16 is refused on the CPU: many CPU kernels lack float16 or run it much "
-                             "slower than float32, and its range (max 65504) overflows in activations; use "
-                             "--dtype bfloat16 or float32 on the CPU")
     return DTYPES[name]
 
 

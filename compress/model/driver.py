@@ -16,7 +16,7 @@ through `Activations`. Without one (`placement=None`) everything runs where the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -214,11 +214,8 @@ def stream_layers(
             hidden = Activations.keep(hidden, placement, offload)
         prefix = layers_path(model)
         layers = decoder_layers(model)
-        for i in bar(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
-                     total=len(layers)):
-            layer = weights.load(i) if weights is not None else layers[i]
-            onload = Onload(layer, placement) if placement is not None else None
-            try:
+        for i in _layer_bar(len(layers), start, desc, progress):
+            with _held(layers, i, weights, placement) as (layer, onload):
                 step = LayerStep(i, f"{prefix}.{i}", layer, hidden, calls[i], placement=placement, offload=offload,
                                  onload=onload)
                 yield step
@@ -227,11 +224,6 @@ def stream_layers(
                         step.outputs = step.run()
                 hidden = step.outputs
                 del step
-            finally:
-                if onload is not None:
-                    onload.release()
-            if weights is not None:
-                weights.release(i)
     finally:
         model.train(was_training)
 
@@ -272,14 +264,30 @@ def each_layer(
     """Yield every decoder layer without activations (weight-only work), loading and releasing it with
     `weights` when the layers are not in memory, and onloading it for its step with a `placement`."""
     layers = decoder_layers(model)
-    for i in bar(range(start, len(layers)), desc=desc, disable=not progress, unit="layer", initial=start,
-                 total=len(layers)):
-        layer = weights.load(i) if weights is not None else layers[i]
-        onload = Onload(layer, placement) if placement is not None else None
-        try:
+    for i in _layer_bar(len(layers), start, desc, progress):
+        with _held(layers, i, weights, placement) as (layer, onload):
             yield LayerStep(i, str(i), layer, [], LayerCall(), placement=placement, onload=onload)
-        finally:
-            if onload is not None:
-                onload.release()
-        if weights is not None:
-            weights.release(i)
+
+
+def _layer_bar(count: int, start: int, desc: str, progress: bool) -> Iterable[int]:
+    """Layer indices `start`..`count`-1 with a progress bar that counts the skipped ones as done."""
+    return bar(range(start, count), desc=desc, disable=not progress, unit="layer", initial=start, total=count)
+
+
+@contextmanager
+def _held(layers: Sequence[nn.Module], index: int, weights: LayerWeights | None,
+          placement: Placement | None) -> Iterator[tuple[nn.Module, Onload | None]]:
+    """Layer `index` for one step: loaded first when streamed, on the placement's device during it.
+
+    The streamed weights are released only after a step that finished; a failed step leaves them for
+    the error path to discard with the model.
+    """
+    layer = weights.load(index) if weights is not None else layers[index]
+    onload = Onload(layer, placement) if placement is not None else None
+    try:
+        yield layer, onload
+    finally:
+        if onload is not None:
+            onload.release()
+    if weights is not None:
+        weights.release(index)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from layerwise.core.errors import LayerwiseError
+from layerwise.model.device import parse_dtype
 
 # Share of the free device memory the activations (or a whole model) may take: the rest is left for a
 # layer's weights, its float32 Hessians and quantization temporaries, and the allocator's fragmentation.
@@ -41,20 +42,6 @@ DEVICE_MEMORY_FRACTION = 0.8
 # Attribute `pass_through` sets on an instance-level `forward` that does not read the layer's weights.
 _PASS_THROUGH = "layerwise_pass_through"
 OOM_FIX = "use --stream, fewer --calib-windows, or a smaller --calib-len"
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch floating dtype from ``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"float32"`` or a dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    except KeyError:
-        raise LayerwiseError(f"unknown dtype {dtype!r}; choose one of bfloat16, float16, float32") from None
-
 
 def placement_for(device: torch.device, dtype: torch.dtype) -> Placement | None:
     """The placement of a run on `device` in `dtype`; None for the CPU in float32 (nothing to place)."""
@@ -77,9 +64,9 @@ class Placement:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
-        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        if not self.dtype.is_floating_point:
+        if isinstance(self.dtype, torch.dtype) and not self.dtype.is_floating_point:
             raise LayerwiseError(f"a placement computes in a floating dtype, not {self.dtype}")
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.device.type == "meta":
             raise LayerwiseError("the meta device holds no values; place the work on cpu or a GPU (cuda)")
 
@@ -87,14 +74,6 @@ class Placement:
     def cpu(cls) -> Placement:
         """Today's behaviour, spelled out: the CPU in float32."""
         return cls(torch.device("cpu"), torch.float32)
-
-    @classmethod
-    def of(cls, device: str | torch.device = "auto", dtype: str | torch.dtype = torch.float32,
-           offload_activations: bool | None = None) -> Placement:
-        """From names, e.g. ``Placement.of("cuda", "bf16")``; ``"auto"`` is cuda when one is available."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(torch.device(device), parse_dtype(dtype), offload_activations)
 
     @property
     def storage(self) -> torch.device:
