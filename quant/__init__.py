@@ -7,6 +7,7 @@ Importing this package registers every built-in quantizer; a new method is one m
 from layerwise.core.bitstream import PackFormat, pack, unpack
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
 from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error, squared_norm
+from layerwise.quant.gptaq import GptaqQuantizer, quantize_gptaq, quantize_gptaq_shared
 from layerwise.quant.gptq import (
     GptqQuantizer,
     HessianFactor,
@@ -14,7 +15,12 @@ from layerwise.quant.gptq import (
     quantize_gptq,
     quantize_gptq_shared,
 )
-from layerwise.quant.hessian import HessianAccumulator, SharedInputHessians
+from layerwise.quant.hessian import (
+    AsymmetricHessian,
+    CrossTermAccumulator,
+    HessianAccumulator,
+    SharedInputHessians,
+)
 from layerwise.quant.qlinear import QuantLinear, dense_weights
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
@@ -22,6 +28,9 @@ from layerwise.quant.rtn import RtnQuantizer, group_params, quantize_codes, quan
 
 __all__ = [
     "QUANTIZERS",
+    "AsymmetricHessian",
+    "CrossTermAccumulator",
+    "GptaqQuantizer",
     "GptqQuantizer",
     "HessianAccumulator",
     "HessianFactor",
@@ -37,6 +46,8 @@ __all__ = [
     "min_calibration_tokens",
     "pack",
     "quantize_codes",
+    "quantize_gptaq",
+    "quantize_gptaq_shared",
     "quantize_gptq",
     "quantize_gptq_shared",
     "quantize_module",

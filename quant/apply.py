@@ -13,6 +13,7 @@ from torch import nn
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.model.adapter import LINEAR_TYPES, linear_weight
+from layerwise.quant.hessian import AsymmetricHessian
 from layerwise.quant.qlinear import QuantLinear
 from layerwise.quant.quantized import QuantizedWeight
 from layerwise.quant.registry import QUANTIZERS
@@ -36,7 +37,8 @@ def _wrap(module: nn.Module, weight: torch.Tensor, qw: QuantizedWeight, method: 
     return QuantLinear.from_quantized(qw, None if bias is None else bias.detach())
 
 
-def quantize_module(module: nn.Module, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantLinear:
+def quantize_module(module: nn.Module, spec: QuantSpec,
+                    hessian: torch.Tensor | AsymmetricHessian | None = None) -> QuantLinear:
     """A `QuantLinear` computing the same function as `module`, up to quantization error.
 
     The method is looked up by ``spec.method`` in `QUANTIZERS`; `hessian` is passed through to it. The
@@ -46,7 +48,9 @@ def quantize_module(module: nn.Module, spec: QuantSpec, hessian: torch.Tensor | 
     return _wrap(module, weight, QUANTIZERS.get(spec.method)().quantize(weight, spec, hessian), spec.method)
 
 
-def quantize_modules(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | None]]) -> list[QuantLinear]:
+def quantize_modules(
+    jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
+) -> list[QuantLinear]:
     """`quantize_module` for each (module, spec, hessian) job, sharing work between jobs where it can.
 
     Jobs whose method can quantize several weights in one pass (its quantizer's `shares_hessian`, GPTQ)

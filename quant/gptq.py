@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +38,7 @@ import torch
 from layerwise.core.bitstream import PackFormat, pack, row_chunks
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
-from layerwise.quant.hessian import SharedInputHessians
+from layerwise.quant.hessian import AsymmetricHessian, SharedInputHessians
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import group_params
@@ -192,13 +193,16 @@ def _quantize_columns(
     block_size: int,
     column_params: _StaticColumns | None,
     group_size: int = 0,
+    asymmetry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Codes (int32, in `weight`'s processing order) and the dynamic groups' scales and zeros; None on blow-up.
 
     `weight` (modified in place) and `upper` are already in processing order. `column_params` gives
     the processed columns' static scales and zeros per row (act-order), or is None to compute each
     group's from the current weights at its first column (natural order, one `group_size` for all rows);
-    the returned scales and zeros are only meaningful then.
+    the returned scales and zeros are only meaningful then. `asymmetry` (GPTAQ's P, strictly upper, in
+    processing order) adds ``w_j * P[j, k]`` to every later column k once column j is quantized, w_j being
+    column j as it was just before rounding; None leaves GPTQ's sweep exactly as it is.
     """
     n_rows, in_features = weight.shape
     device = weight.device
@@ -227,6 +231,8 @@ def _quantize_columns(
                     current = block[:, i : end - start]
                     if end > stop:  # the group runs past the block: add the updates still pending for it
                         beyond = weight[:, stop:end] - errors[:, :i] @ upper[start:col, stop:end]
+                        if asymmetry is not None:
+                            beyond += block[:, :i] @ asymmetry[start:col, stop:end]
                         current = torch.cat([current, beyond], dim=1)
                     scales[:, group], zeros[:, group] = rows.group_params(current)
                 scale, zero = scales[:, group], zeros[:, group]
@@ -235,8 +241,12 @@ def _quantize_columns(
             codes[:, col] = q
             error = w.sub((q - zero).mul_(scale)).div_(diagonal[col])
             block[:, i + 1 :].addr_(error, u_block[i, i + 1 :], alpha=-1)
+            if asymmetry is not None:  # column i of `block` is never written again: it stays w_i before rounding
+                block[:, i + 1 :].addr_(w, asymmetry[start + i, start + i + 1 : stop])
             errors[:, i] = error
         weight[:, stop:] -= errors @ upper[start:stop, stop:]
+        if asymmetry is not None:
+            weight[:, stop:] += block @ asymmetry[start:stop, stop:]
         finite &= torch.isfinite(errors).all()
     if not bool(finite):
         return None
@@ -336,6 +346,21 @@ def quantize_gptq_shared(
     else:
         assert hessian is not None
         factor = HessianFactor.of(hessian, damp=damp, act_order=act_order)
+    return sweep_factored(weights, specs, factor, block_size)
+
+
+def sweep_factored(
+    weights: list[torch.Tensor],
+    specs: list[QuantSpec],
+    factor: HessianFactor,
+    block_size: int,
+    asymmetry: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[QuantizedWeight]:
+    """The column sweep of weights sharing one factored Hessian (inputs already checked), packed.
+
+    `asymmetry` maps the factor's current `upper` to the matrix `_quantize_columns` adds for GPTAQ; it is
+    called again after each re-damping, since that changes `upper`. Without it this is GPTQ.
+    """
     rows = _RowSet([w.detach().to(device=factor.hessian.device, dtype=torch.float32) for w in weights], specs)
     for w in rows.weights:
         w[:, factor.dead] = 0.0
@@ -350,9 +375,11 @@ def quantize_gptq_shared(
         )
     while True:
         assert factor.upper is not None
+        extra = None if asymmetry is None else asymmetry(factor.upper)
         # The working copy (in processing order) is gathered afresh for every try: no second copy kept.
         result = _quantize_columns(_stacked(rows.weights, factor.perm), factor.upper, rows, block_size,
-                                   column_params, group_sizes[0])
+                                   column_params, group_sizes[0], extra)
+        del extra
         if result is not None:
             break
         factor.redamp()
@@ -425,7 +452,7 @@ class GptqQuantizer(Quantizer):
         return quantize_gptq_shared(weights, specs, hessian)
 
 
-def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor]:
+def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor | AsymmetricHessian]:
     """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
     for name, (n_tokens, in_features) in collector.token_counts().items():
         needed = min_calibration_tokens(in_features)

@@ -10,13 +10,20 @@ run at full speed everywhere while float64 is 2x (CPU) to 64x (consumer GPUs) sl
 memory of a (K, K) matrix that is held for every linear of a layer at once. The rounding this leaves in
 H (about 1e-7 relative per batch) is five orders of magnitude below the 1% diagonal damping GPTQ adds
 before inverting, so float64 would not change the quantized codes.
+
+GPTAQ (`layerwise.quant.gptaq`) also needs, per linear, the cross term ``C = (2/n) sum_t dx_t x_t^T`` between
+the quantized stream's inputs x and the full-precision model's inputs to the same linear, ``dx = x_fp - x``
+(`CrossTermAccumulator`); `SharedInputHessians` gathers it beside H when asked, pairing each batch's inputs
+of the two streams (`reference_pass`).
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -93,6 +100,62 @@ class HessianAccumulator:
         return _hook_inputs(module, self.add)
 
 
+class CrossTermAccumulator:
+    """Running ``C = (2/n) sum_t (x_fp_t - x_t) x_t^T`` over the tokens one linear sees in both streams.
+
+    ``C[i, j]`` pairs input i's shift (full precision minus quantized stream) with input j of the quantized
+    stream. Kept as a running mean on the scale of `HessianAccumulator`'s H (the same ``2/n``): GPTAQ only
+    reads C through ``C H^-1``, so the two must share their normalisation, whatever it is.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if not isinstance(in_features, int) or in_features < 1:
+            raise LayerwiseError(f"a cross term needs a positive number of input features, got {in_features!r}")
+        self.in_features = in_features
+        self._cross = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._n_tokens = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """The (in_features, in_features) float32 C (the live buffer); raises when no token was added."""
+        if self._n_tokens == 0:
+            raise LayerwiseError("no calibration inputs reached this linear, so it has no cross term; check that "
+                                 "both streams' forwards run through the module")
+        return self._cross
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
+        """Fold in a batch of quantized-stream inputs `x` and the full-precision inputs of the same tokens."""
+        if x.shape != reference.shape or x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise LayerwiseError(
+                f"the full-precision inputs of shape {tuple(reference.shape)} do not pair with the quantized "
+                f"stream's {tuple(x.shape)} (both must end in in_features={self.in_features}, token for token)"
+            )
+        rows = x.detach().reshape(-1, self.in_features).to(device=self._cross.device, dtype=torch.float32)
+        added = rows.shape[0]
+        if added == 0:
+            return
+        # Not in place: `reference` may be a view of an activation the stream still needs.
+        shift = reference.detach().reshape(-1, self.in_features).to(device=self._cross.device, dtype=torch.float32)
+        shift = shift - rows
+        total = self._n_tokens + added
+        self._cross.mul_(self._n_tokens / total)
+        self._cross.addmm_(shift.T, rows, alpha=2.0 / total)
+        self._n_tokens = total
+
+
+@dataclass
+class AsymmetricHessian:
+    """What GPTAQ reads for one input: the quantized stream's H and the cross term C with the full-precision
+    stream (both (in_features, in_features) float32, normalised alike)."""
+
+    hessian: torch.Tensor
+    cross: torch.Tensor
+
+
 def _check_linear(module: nn.Module) -> int:
     """The module's in_features, after checking it is a linear layer Hessians can be collected for."""
     if not isinstance(module, LINEAR_TYPES):
@@ -124,16 +187,27 @@ class SharedInputHessians:
     name, so an architecture whose projections read different tensors simply gets one Hessian each.
     Use as a context manager around the calibration forwards; `hessians()` then maps every module name to
     its H, the same tensor object for modules that share an input.
+
+    Modules named in `cross` (GPTAQ's) also get the cross term with the full-precision model's inputs: each
+    batch's forward on the full-precision stream runs first under `reference_pass()`, which records every
+    module's input, then the same batch's forward on the quantized stream under the context manager, which
+    pairs each input with the recorded one and forgets them on exit (one batch of each stream held at a time).
+    Their entry in `hessians()` is then an `AsymmetricHessian`, likewise shared by modules that share an input.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], cross: Iterable[str] = ()) -> None:
         self.in_features = {name: _check_linear(module) for name, module in modules.items()}
         self.modules = modules
+        self.cross = frozenset(cross)
+        if not self.cross <= set(modules):
+            raise ValueError(f"cross terms asked for modules not collected: {sorted(self.cross - set(modules))}")
         self.accumulators: dict[str, HessianAccumulator] = {}  # by the name of the module that accumulates
+        self.crosses: dict[str, CrossTermAccumulator] = {}  # likewise, when some module needs cross terms
         self.source: dict[str, str] = {}  # module name -> name of the module whose accumulator it uses
         # Weak references: a freed input can never be mistaken for a new tensor that reuses its address.
         self._recent: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._handles: list[RemovableHandle] = []
+        self._reference: dict[str, torch.Tensor] = {}  # this batch's full-precision input of every module
 
     def _collect(self, name: str, x: torch.Tensor) -> None:
         self._recent = [(ref, owner) for ref, owner in self._recent if ref() is not None]
@@ -148,8 +222,31 @@ class SharedInputHessians:
         if name not in self.accumulators:
             device = linear_weight(self.modules[name]).device
             self.accumulators[name] = HessianAccumulator(self.in_features[name], device=device)
+            if self.cross:
+                self.crosses[name] = CrossTermAccumulator(self.in_features[name], device=device)
         self.accumulators[name].add(x)
+        if self.cross:
+            if name not in self._reference:
+                raise LayerwiseError(f"module {name} has no full-precision input for this batch: run the batch on "
+                                     "the full-precision stream under reference_pass() first")
+            self.crosses[name].add(x, self._reference[name])
         self._recent.append((weakref.ref(x), name))
+
+    @contextmanager
+    def reference_pass(self) -> Iterator[None]:
+        """Record every module's input of the forward run inside: the full-precision stream's, of the batch
+        the next quantized-stream forward (under the context manager) runs."""
+        self._reference = {}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            self._reference[name] = x.detach()
+
+        handles = [_hook_inputs(module, functools.partial(record, name)) for name, module in self.modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def __enter__(self) -> SharedInputHessians:
         self._handles = [
@@ -162,16 +259,27 @@ class SharedInputHessians:
             handle.remove()
         self._handles = []
         self._recent = []
+        self._reference = {}
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        """Every module's H; raises (naming the module) for one that no calibration input reached."""
+    def hessians(self) -> dict[str, torch.Tensor | AsymmetricHessian]:
+        """Every module's H (an `AsymmetricHessian` for those in `cross`); raises (naming the module) for one
+        that no calibration input reached."""
         missing = [n for n in self.modules if n not in self.source]
         if missing:
             raise LayerwiseError(
                 f"no calibration inputs reached {missing}, so they have no Hessian; check that the calibration "
                 "forward passes run through these modules"
             )
-        return {name: self.accumulators[self.source[name]].hessian for name in self.modules}
+        paired: dict[str, AsymmetricHessian] = {}  # by owner: one object per input, so sweeps can be shared
+        out: dict[str, torch.Tensor | AsymmetricHessian] = {}
+        for name in self.modules:
+            owner = self.source[name]
+            hessian = self.accumulators[owner].hessian
+            if name in self.cross:
+                out[name] = paired.setdefault(owner, AsymmetricHessian(hessian, self.crosses[owner].cross))
+            else:
+                out[name] = hessian
+        return out
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
         """(tokens seen, in_features) per module, for the too-few-tokens warning."""

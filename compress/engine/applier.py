@@ -23,7 +23,12 @@ from layerwise.quant import (
     squared_norm,
 )
 from layerwise.quant.gptq import checked_hessians
-from layerwise.quant.registry import method_needs_hessian, needs_hessian  # noqa: F401  (the engine's names for them)
+from layerwise.quant.hessian import AsymmetricHessian
+from layerwise.quant.registry import (  # noqa: F401  (the engine's names for them)
+    method_needs_hessian,
+    needs_hessian,
+    needs_reference_inputs,
+)
 
 
 def check_plan_fits(plan: Plan, model: nn.Module) -> None:
@@ -97,6 +102,15 @@ def plan_needs_calibration(plan: Plan, method: str) -> bool:
     )
 
 
+def plan_needs_reference(plan: Plan, method: str) -> bool:
+    """True when some module's method (GPTAQ) also reads the full-precision model's inputs."""
+    return any(
+        needs_reference_inputs(action.module_spec(name, default_method=method))
+        for action in plan.layers
+        for name in ["", *action.overrides]
+    )
+
+
 def _layer_steps(
     model: nn.Module,
     windows: torch.Tensor | None,
@@ -106,10 +120,13 @@ def _layer_steps(
     start: int = 0,
     hidden: list[torch.Tensor] | None = None,
     placement: Placement | None = None,
+    reference: bool = False,
+    reference_hidden: list[torch.Tensor] | None = None,
 ) -> Iterator[LayerStep]:
     if windows is not None:
         yield from stream_layers(model, windows, batch_size=batch_size, progress=progress, desc="quantizing",
-                                 weights=weights, start=start, hidden=hidden, placement=placement)
+                                 weights=weights, start=start, hidden=hidden, placement=placement,
+                                 reference=reference, reference_hidden=reference_hidden)
         return
     yield from each_layer(model, progress=progress, desc="quantizing", weights=weights, start=start,
                           placement=placement)
@@ -127,6 +144,31 @@ def collect_hessians(step: LayerStep, modules: dict[str, nn.Module]) -> dict[str
     return checked_hessians(step.index, collector)
 
 
+@torch.inference_mode()
+def collect_paired(step: LayerStep, modules: dict[str, nn.Module],
+                   cross: set[str]) -> dict[str, torch.Tensor | AsymmetricHessian]:
+    """Run the float layer on both streams, one batch of each at a time; set the step's `reference_outputs`.
+
+    Per batch, the full-precision stream's run records every module's input and gives the batch's
+    reference output; the quantized stream's run then accumulates H, and for the modules in `cross` (and
+    those sharing their input) the cross term against the recorded inputs, which are dropped before the
+    next batch. Returns each module's Hessian as `collect_hessians` does, an `AsymmetricHessian` for `cross`.
+    """
+    assert step.reference is not None
+    collector = SharedInputHessians(modules, cross=cross)
+    outputs = []
+    # A layer tied to one quantized before it holds QuantLinears: dense once here, as for `step.run`.
+    with dense_weights(step.layer.modules()):
+        for reference, hidden in zip(step.reference, step.inputs, strict=True):
+            with collector.reference_pass():
+                outputs.append(step.keep(step.forward(reference)))
+            if modules:
+                with collector:
+                    step.forward(hidden)
+    step.reference_outputs = step.kept(outputs)
+    return checked_hessians(step.index, collector) if modules else {}
+
+
 @torch.no_grad()
 def apply_plan(
     model: nn.Module,
@@ -141,6 +183,7 @@ def apply_plan(
     hidden: list[torch.Tensor] | None = None,
     on_layer: Callable[[LayerStep, LayerOutcome], None] | None = None,
     placement: Placement | None = None,
+    reference_hidden: list[torch.Tensor] | None = None,
 ) -> list[LayerOutcome]:
     """Quantize `model` in place as `plan` says; `method` fills actions that name none.
 
@@ -151,6 +194,13 @@ def apply_plan(
     step's `outputs` are then the next layer's inputs, when calibrating) before the layer is released.
     With a `placement` each layer is calibrated and quantized on its device and is home again (its
     `QuantLinear` buffers included, floating ones in the model's dtype) before `on_layer` sees it.
+
+    Methods that also read the full-precision model's inputs (GPTAQ, `needs_reference_inputs`) make the
+    driver carry that model's hidden states too: each layer runs with its float weights on them before it
+    is quantized (`collect_paired`), giving its modules' cross terms and the next layer's reference inputs
+    (the step's `reference_outputs`; a resumed run passes them saved as `reference_hidden`). The reference
+    is the model as restructured (pruned, dropped, tied); a layer tied to an earlier one runs that
+    layer's already quantized weights on it, since the float ones are gone by then.
     Returns the outcomes of the layers quantized in this call.
     """
     QUANTIZERS.get(method)
@@ -159,16 +209,23 @@ def apply_plan(
         raise LayerwiseError("the plan prunes layers: apply its structure first (apply_structure) and pass the "
                              "plan it returns")
     calibrated = plan_needs_calibration(plan, method)
+    referenced = plan_needs_reference(plan, method)
     if calibrated and windows is None:
         raise LayerwiseError("the plan uses a method that reads calibration data (gptq); pass calibration windows")
     outcomes = []
     for step in _layer_steps(model, windows if calibrated else None, batch_size, progress, weights, start, hidden,
-                             placement):
+                             placement, referenced, reference_hidden):
         with oom_as_error("quantizing", step.index, placement):
             action = plan.layers[step.index]
             modules = linear_modules(step.layer)
             specs = {name: action.module_spec(name, default_method=method) for name in modules}
-            hessians = collect_hessians(step, {n: m for n, m in modules.items() if needs_hessian(specs[n])})
+            calibrating = {n: m for n, m in modules.items() if needs_hessian(specs[n])}
+            if referenced:
+                cross = {n for n in calibrating if needs_reference_inputs(specs[n])}
+                hessians = collect_paired(step, calibrating, cross)
+            else:
+                hessians = collect_hessians(step, calibrating)
+            del calibrating
             outcome = LayerOutcome(action.layer, specs=specs)
             names = [name for name in modules if specs[name] is not None]
             errors, sq_norms = _quantize_layer(step.layer, {n: modules.pop(n) for n in names}, specs, hessians)
@@ -188,7 +245,7 @@ def apply_plan(
 
 
 def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict[str, QuantSpec | None],
-                    hessians: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+                    hessians: dict[str, torch.Tensor | AsymmetricHessian]) -> tuple[dict[str, float], dict[str, float]]:
     """Swap each of `modules` (emptied as it goes) for its quantized version; each one's error and ||W||^2.
 
     Modules are quantized a Hessian at a time (q/k/v, then o, gate/up, down on a llama), each group's

@@ -28,6 +28,7 @@ from layerwise.engine.applier import (
     apply_structure,
     check_plan_fits,
     plan_needs_calibration,
+    plan_needs_reference,
     resolve_methods,
 )
 from layerwise.engine.recipe import Recipe
@@ -339,15 +340,15 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
         return []
     calibrated = plan_needs_calibration(plan, recipe.method)
     n_layers = quantized.n_layers
-    first, hidden = sink.resume_point(n_layers, calibrated)
+    resumed = sink.resume_point(n_layers, calibrated, plan_needs_reference(plan, recipe.method))
     done = []
-    if first < n_layers:
+    if resumed.first < n_layers:
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = True
         done = apply_plan(source.model, quantized, recipe.method, windows=state.windows if calibrated else None,
-                          progress=progress, weights=source.layer_weights, start=first, hidden=hidden,
+                          progress=progress, weights=source.layer_weights, start=resumed.first, hidden=resumed.hidden,
                           on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated),
-                          placement=state.placement)
+                          placement=state.placement, reference_hidden=resumed.reference)
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = False
     outcomes = sink.outcomes(done, n_layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ from layerwise.model.driver import LayerStep
 from layerwise.model.loading import quiet_transformers
 from layerwise.model.shards import BadWeights, read_entries, write_safetensors
 from layerwise.output.checkpoint import WEIGHTS_FILE, atomic_dir, check_output_dir, save_checkpoint, write_meta
+
+
+@dataclass
+class ResumePoint:
+    """Where quantization starts: the first layer to quantize and, after layer 0, its saved inputs
+    (`hidden`) and the full-precision stream's (`reference`, for methods that read it)."""
+
+    first: int = 0
+    hidden: list[torch.Tensor] | None = None
+    reference: list[torch.Tensor] | None = None
 
 
 class MemorySink:
@@ -62,8 +73,8 @@ class MemorySink:
     def save_plan(self, plan: Plan) -> None:
         pass
 
-    def resume_point(self, n_layers: int, calibrated: bool) -> tuple[int, list[torch.Tensor] | None]:
-        return 0, None
+    def resume_point(self, n_layers: int, calibrated: bool, reference: bool = False) -> ResumePoint:
+        return ResumePoint()
 
     def on_layer(self, prefix: str, n_layers: int, calibrated: bool):
         return None
@@ -124,10 +135,11 @@ class WorkDirSink:
     def save_plan(self, plan: Plan) -> None:
         plan.save(self.work.path / PLAN_FILE)
 
-    def resume_point(self, n_layers: int, calibrated: bool) -> tuple[int, list[torch.Tensor] | None]:
-        first = self.work.resume_point(n_layers, calibrated)
-        hidden = self.work.load_hidden(first) if calibrated and 0 < first < n_layers else None
-        return first, hidden
+    def resume_point(self, n_layers: int, calibrated: bool, reference: bool = False) -> ResumePoint:
+        first = self.work.resume_point(n_layers, calibrated, reference)
+        saved = calibrated and 0 < first < n_layers
+        return ResumePoint(first, self.work.load_hidden(first) if saved else None,
+                           self.work.load_reference(first) if saved and reference else None)
 
     def on_layer(self, prefix: str, n_layers: int, calibrated: bool):
         def save(step: LayerStep, outcome: LayerOutcome) -> None:

@@ -29,6 +29,8 @@ Work directory. Beside the output ``CKPT``, ``.CKPT.partial/`` holds::
     layers/layer-00003.safetensors  a finished layer's tensors, under their checkpoint names
     layers/layer-00003.json         what quantizing it did (spec and relative error per module)
     hidden-00004.safetensors      with a calibrated method: the inputs of the next layer to quantize
+    reference-00004.safetensors   with a method that reads the full-precision stream too (GPTAQ):
+                                  the full-precision model's inputs of that layer
 
 Every file is written to a temporary name and renamed, so a file present under its name is complete. A
 resumed run (``resume=True``, ``--resume``) refuses different arguments (naming them), then continues
@@ -296,13 +298,18 @@ class WorkDir:
     def hidden_file(self, index: int) -> Path:
         return self.path / f"hidden-{index:05d}.safetensors"
 
-    def resume_point(self, n_layers: int, calibrated: bool) -> int:
-        """The first layer to quantize: every layer before it finished, and (calibrated) its inputs saved."""
+    def reference_file(self, index: int) -> Path:
+        return self.path / f"reference-{index:05d}.safetensors"
+
+    def resume_point(self, n_layers: int, calibrated: bool, reference: bool = False) -> int:
+        """The first layer to quantize: every layer before it finished, and (calibrated) its inputs saved,
+        with (`reference`) the full-precision stream's."""
         done = 0
         while done < n_layers and self.layer_file(done).is_file() and self.outcome_file(done).is_file():
             done += 1
         if calibrated:
-            while done > 0 and not (done == n_layers or self.hidden_file(done).is_file()):
+            while done > 0 and not (done == n_layers or (self.hidden_file(done).is_file() and (
+                    not reference or self.reference_file(done).is_file()))):
                 done -= 1
         return done
 
@@ -315,13 +322,20 @@ class WorkDir:
         write_json_atomic(self.outcome_file(index), _outcome_to_dict(outcome))
         if calibrated and not last:
             assert step.outputs is not None
+            if step.reference_outputs is not None:
+                reference = {str(i): h.contiguous() for i, h in enumerate(step.reference_outputs)}
+                write_file_atomic(self.reference_file(index + 1),
+                                  lambda tmp: safetensors.torch.save_file(reference, tmp))
             hidden = {str(i): h.contiguous() for i, h in enumerate(step.outputs)}
             write_file_atomic(self.hidden_file(index + 1), lambda tmp: safetensors.torch.save_file(hidden, tmp))
         self.hidden_file(index).unlink(missing_ok=True)
+        self.reference_file(index).unlink(missing_ok=True)
 
     def load_hidden(self, index: int) -> list[torch.Tensor]:
-        tensors = safetensors.torch.load_file(self.hidden_file(index))
-        return [tensors[str(i)] for i in range(len(tensors))]
+        return _load_batches(self.hidden_file(index))
+
+    def load_reference(self, index: int) -> list[torch.Tensor]:
+        return _load_batches(self.reference_file(index))
 
     def outcomes(self, n_layers: int) -> list[LayerOutcome]:
         return [_outcome_from_dict(json.loads(self.outcome_file(i).read_text()))
@@ -329,6 +343,11 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _load_batches(file: Path) -> list[torch.Tensor]:
+    tensors = safetensors.torch.load_file(file)
+    return [tensors[str(i)] for i in range(len(tensors))]
 
 
 def _outcome_to_dict(outcome: LayerOutcome) -> dict[str, Any]:

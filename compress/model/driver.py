@@ -12,6 +12,11 @@ for its step and home again after it; the first layer's inputs are captured with
 outside the decoder layers on the device, and the activations between layers stay on the device or are
 kept on the CPU (`activations_stay`, decided once per stream), read a batch at a time on the device
 through `Activations`. Without one (`placement=None`) everything runs where the model is, as before.
+
+A second stream (`reference=True`, for GPTAQ): beside the hidden states of the model as it is being
+compressed, the driver carries the full-precision model's, kept the same way (`LayerStep.reference`). It
+cannot compute them itself once a layer is quantized, so the consumer sets `reference_outputs` during the
+step, running the layer on them while it still has its float weights.
 """
 
 from __future__ import annotations
@@ -141,6 +146,8 @@ class LayerStep:
     `inputs` holds one hidden-state tensor [batch, length, hidden] per batch of calibration windows.
     With a `placement` the layer is on its device for the step, `inputs` and `outputs` are `Activations`
     (read on the device, kept on the CPU when `offload`), and `release()` sends the layer home early.
+    With a reference stream, `reference` holds the full-precision model's inputs to this layer, batch for
+    batch, and the consumer sets `reference_outputs` (`forward` each batch, `keep` each output, `kept` all).
     """
 
     index: int
@@ -152,6 +159,8 @@ class LayerStep:
     placement: Placement | None = field(default=None, repr=False)
     offload: bool = field(default=False, repr=False)
     onload: Onload | None = field(default=None, repr=False, compare=False)
+    reference: Sequence[torch.Tensor] | None = None
+    reference_outputs: Sequence[torch.Tensor] | None = None
 
     @torch.inference_mode()
     def run(self) -> list[torch.Tensor] | Activations:
@@ -163,6 +172,18 @@ class LayerStep:
             y = layer_output(self.layer(h, *self.call.args, **self.call.kwargs))
             outputs.append(y.to(self.placement.storage) if self.offload else y)
         return Activations(outputs, self.placement.device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output on one batch `hidden`, as the layer is now."""
+        return layer_output(self.layer(hidden, *self.call.args, **self.call.kwargs))
+
+    def keep(self, output: torch.Tensor) -> torch.Tensor:
+        """One batch's output moved to where this stream keeps activations (as `run` does with each)."""
+        return output.to(self.placement.storage) if self.placement is not None and self.offload else output
+
+    def kept(self, outputs: list[torch.Tensor]) -> list[torch.Tensor] | Activations:
+        """Outputs made batch by batch (each through `keep`), as `run` returns them."""
+        return outputs if self.placement is None else Activations(outputs, self.placement.device)
 
     def release(self) -> None:
         """Send the layer home now (with a placement; otherwise nothing), e.g. before writing it out.
@@ -184,6 +205,8 @@ def stream_layers(
     start: int = 0,
     hidden: Sequence[torch.Tensor] | None = None,
     placement: Placement | None = None,
+    reference: bool = False,
+    reference_hidden: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[LayerStep]:
     """Yield each decoder layer with its inputs; advance with the step's `outputs` (computed if unset).
 
@@ -192,12 +215,16 @@ def stream_layers(
     released after it, so one layer's weights and activations are in memory at a time. `start` and
     `hidden` resume a stream at layer `start` with that layer's saved inputs (a resumed compression).
     With a `placement` each layer is on its device for its step (see the module docstring).
+    With `reference` the full-precision stream comes along (`LayerStep.reference`; the consumer sets each
+    step's `reference_outputs`); it starts as the first layer's inputs, or `reference_hidden` on resuming.
     """
     was_training = model.training
     model.eval()
+    streams = 2 if reference else 1
     try:
         offload = placement is not None and not activations_stay(
-            stream_activation_bytes(model, windows, placement), placement, layer_reserve_bytes(model, placement))
+            streams * stream_activation_bytes(model, windows, placement), placement,
+            layer_reserve_bytes(model, placement, cross_terms=reference))
         if weights is not None:
             weights.load_outer()
         try:
@@ -207,21 +234,30 @@ def stream_layers(
         finally:
             if weights is not None:
                 weights.release_outer()
-        if start and hidden is None:
-            raise ValueError("a stream started after layer 0 needs that layer's inputs (hidden)")
+        if start and (hidden is None or (reference and reference_hidden is None)):
+            raise ValueError("a stream started after layer 0 needs that layer's inputs (hidden, reference_hidden)")
         hidden = first if hidden is None else hidden
+        fp: Sequence[torch.Tensor] | None = None
+        if reference:
+            fp = first if reference_hidden is None else reference_hidden
         if placement is not None:
             hidden = Activations.keep(hidden, placement, offload)
+            fp = None if fp is None else Activations.keep(fp, placement, offload)
         prefix = layers_path(model)
         layers = decoder_layers(model)
         for i in _layer_bar(len(layers), start, desc, progress):
             with _held(layers, i, weights, placement) as (layer, onload):
                 step = LayerStep(i, f"{prefix}.{i}", layer, hidden, calls[i], placement=placement, offload=offload,
-                                 onload=onload)
+                                 onload=onload, reference=fp)
                 yield step
                 if step.outputs is None:
                     with oom_as_error("running the layer", i, placement):
                         step.outputs = step.run()
+                if reference:
+                    if step.reference_outputs is None:
+                        raise RuntimeError(f"layer {i}: the consumer of a reference stream must set the step's "
+                                           "reference_outputs (the layer's float outputs on step.reference)")
+                    fp = step.reference_outputs
                 hidden = step.outputs
                 del step
     finally:
@@ -244,16 +280,18 @@ def stream_activation_bytes(model: nn.Module, windows: torch.Tensor, placement: 
     return 2 * windows.numel() * hidden_size(model) * placement.dtype.itemsize
 
 
-def layer_reserve_bytes(model: nn.Module, placement: Placement) -> int:
+def layer_reserve_bytes(model: nn.Module, placement: Placement, cross_terms: bool = False) -> int:
     """Device memory a layer's step needs beside the activations: the largest layer's weights in the
-    placement's dtype, plus float32 room for quantization temporaries and one Hessian per linear."""
+    placement's dtype, plus float32 room for quantization temporaries and one Hessian per linear (and one
+    cross term per linear too with `cross_terms`, GPTAQ's)."""
     from layerwise.model.adapter import linear_modules, linear_shape
 
+    per_linear = 8 if cross_terms else 4
     largest = 0
     for layer in decoder_layers(model):
         weights = sum(p.numel() for p in layer.parameters())
         hessians = sum(linear_shape(m)[1] ** 2 for m in linear_modules(layer).values() if hasattr(m, "weight"))
-        largest = max(largest, weights * (placement.dtype.itemsize + 8) + 4 * hessians)
+        largest = max(largest, weights * (placement.dtype.itemsize + 8) + per_linear * hessians)
     return largest
 
 

@@ -192,13 +192,13 @@ def test_fisher_pass_fails_if_the_recomputation_does_not_onload(monkeypatch):
         output_fisher(tiny_model("llama", n_layers=2), random_windows(2, 16), 1, placement=BF16)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptaq"])
 def test_apply_plan_on_a_placement_is_close_to_float32(method):
     model = tiny_model("qwen2", n_layers=2)  # qwen2: q/k/v have biases
     windows = random_windows(6, 24)  # 144 tokens: full-rank Hessians for the 128 MLP inputs
     placed = copy.deepcopy(model)
     plan = uniform_plan(layer_linear_shapes(model), 4, 32, method=method)
-    calib = windows if method == "gptq" else None
+    calib = windows if method != "rtn" else None
     reference = apply_plan(model, plan, method, windows=calib, progress=False)
     homes = []
 
