@@ -222,7 +222,7 @@ class SharedInputHessians:
         if name not in self.accumulators:
             device = linear_weight(self.modules[name]).device
             self.accumulators[name] = HessianAccumulator(self.in_features[name], device=device)
-            if self.cross:
+            if self.cross:  # for every input: which modules share one is known only once they have read it
                 self.crosses[name] = CrossTermAccumulator(self.in_features[name], device=device)
         self.accumulators[name].add(x)
         if self.cross:

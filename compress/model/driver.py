@@ -165,13 +165,8 @@ class LayerStep:
     @torch.inference_mode()
     def run(self) -> list[torch.Tensor] | Activations:
         """The layer's outputs on every input window, as the layer is now."""
-        if self.placement is None:
-            return [layer_output(self.layer(h, *self.call.args, **self.call.kwargs)) for h in self.inputs]
-        outputs = []
-        for h in self.inputs:  # one batch on the device at a time; each output offloaded as soon as it is made
-            y = layer_output(self.layer(h, *self.call.args, **self.call.kwargs))
-            outputs.append(y.to(self.placement.storage) if self.offload else y)
-        return Activations(outputs, self.placement.device)
+        # One batch on the device at a time; each output offloaded as soon as it is made.
+        return self.kept([self.keep(self.forward(h)) for h in self.inputs])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's output on one batch `hidden`, as the layer is now."""

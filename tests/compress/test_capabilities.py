@@ -139,6 +139,7 @@ def test_every_quantizer_declares_its_capabilities(name):
     cls = QUANTIZERS.get(name)
     assert issubclass(cls, Quantizer) and cls.name == name
     assert isinstance(cls.needs_hessian, bool) and isinstance(cls.shares_hessian, bool)
+    assert isinstance(cls.needs_reference_inputs, bool) and cls.needs_hessian >= cls.needs_reference_inputs
     assert cls.storage == str(getattr(codec_for(name).format, "value", codec_for(name).format))
     assert "quantize" in vars(cls)
     assert ("quantize_shared" in vars(cls)) == cls.shares_hessian
