@@ -32,6 +32,10 @@ streaming); the recipe must be the one the run started with.
 the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
 forward, scoring and quantization, then back. `dtype`: ``float32``, ``bfloat16`` or ``float16`` (default:
 the checkpoint's own on a GPU, float32 on the CPU); Hessians and GPTQ arithmetic are float32 always.
+
+`grid`: how each group's scale and zero are chosen (`layerwise.core.types.GRIDS`): ``minmax`` (default)
+from the group's range, ``mse`` by a search for the least squared error, each weight's error weighted by
+its input's Hessian diagonal under GPTQ (`layerwise.quant.grid`). The stored format is the same.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import LayerScores, Plan
+from layerwise.core.types import DEFAULT_GRID, LayerScores, Plan
 from layerwise.core.validate import check_numbers
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.engine.pipeline import CompressResult, calibration, open_placed, run
@@ -108,8 +112,9 @@ def apply(
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    grid: str = DEFAULT_GRID,
 ) -> CompressResult:
-    """Compress the model in place as `plan` says; `method` fills the quantize actions that name none.
+    """Compress the model in place as `plan` says; `method` and `grid` fill the quantize actions that name none.
 
     Pruned layers are removed, dropped sub-layers replaced, tied layers share their representative's
     modules (`tie_mode` ``average`` first gives the representative its run's mean weights), then the
@@ -121,7 +126,7 @@ def apply(
         raise LayerwiseError(f"unknown tie mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     recipe = Recipe(method=method, plan=plan, structure=StructureConfig(tie_mode=tie_mode),
                     calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows,
-                                            calib_len), device=_name(device) or "auto", dtype=_name(dtype))
+                                            calib_len), device=_name(device) or "auto", dtype=_name(dtype), grid=grid)
     windows = calib if isinstance(calib, torch.Tensor) else None
     return run(recipe, ResidentSource(model_or_path, tokenizer), MemorySink(None), calib=windows, scores=scores,
                progress=progress)
@@ -161,6 +166,7 @@ def compress(
     resume: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    grid: str = DEFAULT_GRID,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -170,7 +176,8 @@ def compress(
     quantizes (`gptq`). `uniform=b`: every layer at b bits. Planner arguments left at None are not given
     (the planner's defaults apply; one it does not take is refused). `prune`/`drop_attn`/`drop_mlp`/`tie`
     remove structure first. `out` writes the checkpoint; `stream`/`resume` read the model one layer at a
-    time into a resumable work directory. `device`/`dtype` place each layer's work. The module docstring
+    time into a resumable work directory. `device`/`dtype` place each layer's work. `grid` chooses each
+    group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). The module docstring
     (`help(layerwise.api)`) says each argument in full.
     """
     check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
@@ -183,7 +190,7 @@ def compress(
         high=high, low=low, sym=sym, order=order, seed=seed, n_low=n_low, options=options,
         structure=StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode), prune_scorer=prune_scorer,
         calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows, calib_len),
-        device=_name(device) or "auto", dtype=_name(dtype),
+        device=_name(device) or "auto", dtype=_name(dtype), grid=grid,
     )
     windows = calib if isinstance(calib, torch.Tensor) else None
     source, sink = _source_and_sink(model_or_path, tokenizer, out, overwrite, stream, resume)

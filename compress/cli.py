@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import DEFAULT_GRID, GRIDS
 from layerwise.core.validate import parse_number
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
@@ -83,6 +84,13 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
+
+
+def _add_grid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", default=DEFAULT_GRID, choices=list(GRIDS),
+                   help=f"how each group's scale and zero are chosen: minmax, the group's range (default "
+                        f"{DEFAULT_GRID}), or mse, a search for the least squared error (weighted by the "
+                        "Hessian diagonal under gptq)")
 
 
 def _add_structure(p: argparse.ArgumentParser) -> None:
@@ -185,6 +193,7 @@ def _add_apply_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="plan JSON (from `layerwise plan`, possibly edited)")
     p.add_argument("--method", default="rtn",
                    help=f"method for actions that name none: {_names('method')} (default rtn)")
+    _add_grid(p)
     _add_calib(p)
     p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
                    help="tied layers use their representative's weights (default) or the run's average")
@@ -205,6 +214,7 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
                         "(default sensitivity)")
     _add_structure(p)
     p.add_argument("--method", default="gptq", help=f"quantization method: {_names('method')} (default gptq)")
+    _add_grid(p)
     _add_plan_options(p)
     _add_calib(p)
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
@@ -362,7 +372,7 @@ def _run_apply(args: argparse.Namespace, progress: bool) -> None:
     ppl_before = _perplexity(model, tokenizer, progress, "before", placement) if args.eval else None
     result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
                        calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
-                       progress=progress, **placement)
+                       progress=progress, grid=args.grid, **placement)
     _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress, placement)
 
 
@@ -411,7 +421,8 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, n_low=args.n_low, options=args.options, uniform=args.uniform, prune=args.prune,
                 prune_block=args.prune_block, prune_scorer=prune_scorer, drop_attn=args.drop_attn,
                 drop_mlp=args.drop_mlp, tie=args.tie, tie_mode=args.tie_mode, calib=args.calib,
-                calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume)
+                calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume,
+                grid=args.grid)
 
 
 def _run_export(args: argparse.Namespace, progress: bool) -> None:

@@ -15,6 +15,7 @@ from layerwise.quant.gptq import (
     quantize_gptq,
     quantize_gptq_shared,
 )
+from layerwise.quant.grid import GRID_SEARCHES, grid_params, group_error, grouped_params, mse_group_params
 from layerwise.quant.hessian import (
     AsymmetricHessian,
     CrossTermAccumulator,
@@ -27,6 +28,7 @@ from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import RtnQuantizer, group_params, quantize_codes, quantize_rtn
 
 __all__ = [
+    "GRID_SEARCHES",
     "QUANTIZERS",
     "AsymmetricHessian",
     "CrossTermAccumulator",
@@ -41,9 +43,13 @@ __all__ = [
     "RtnQuantizer",
     "SharedInputHessians",
     "dense_weights",
+    "grid_params",
+    "group_error",
     "group_params",
+    "grouped_params",
     "linear_weight",
     "min_calibration_tokens",
+    "mse_group_params",
     "pack",
     "quantize_codes",
     "quantize_gptaq",

@@ -9,8 +9,10 @@ successive F, so the whole sequence of updates is ``e_j = (w_j - q_j) / U_jj`` a
 blocks: inside a block each column updates the block's later columns at once, and the rest of the matrix
 gets the whole block's errors as one matmul, ``W[:, rest] -= E_block @ U[block, rest]``.
 
-Codes, scales and zeros follow RTN's conventions (`group_params` and `quantize_codes` are reused), and
-the result is packed exactly like RTN, so everything downstream of `QuantizedWeight` is method-agnostic.
+Codes, scales and zeros follow RTN's conventions (`layerwise.quant.grid`), and the result is packed
+exactly like RTN, so everything downstream of `QuantizedWeight` is method-agnostic. A group's scale and
+zero come from the spec's grid; the ``mse`` grid weighs each input column's error by ``diag(H)``, the
+part of the loss above that one weight's error alone accounts for.
 
 Act-order with static groups. Processing columns by decreasing ``diag(H)`` quantizes the inputs that
 matter most while the most columns are still free to absorb their error. Computing a group's scale when
@@ -38,10 +40,10 @@ import torch
 from layerwise.core.bitstream import PackFormat, pack, row_chunks
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
+from layerwise.quant.grid import grid_params, grouped_params
 from layerwise.quant.hessian import AsymmetricHessian, SharedInputHessians
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
-from layerwise.quant.rtn import group_params
 
 # After a failed factorisation the damping grows 10x per retry, from at least this fraction of
 # mean(diag(H)) (so that damp=0 still has a fallback), this many times.
@@ -153,17 +155,12 @@ class _RowSet:
         pairs = zip(self.weights, self.specs, strict=True)
         return torch.cat([torch.full((w.shape[0],), float(2**s.bits - 1)) for w, s in pairs]).to(device)
 
-    def group_params(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row scale and zero of the stacked rows' `columns` (one group), each with its own spec."""
-        params = [group_params(columns[rows], s.bits, s.sym) for rows, s in zip(self.slices, self.specs, strict=True)]
+    def group_params(self, columns: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row scale and zero of the stacked rows' `columns` (one group), each with its own spec;
+        `importance` is diag(H) of those columns."""
+        params = [grid_params(columns[rows], s.bits, s.sym, s.grid, importance)
+                  for rows, s in zip(self.slices, self.specs, strict=True)]
         return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
-
-
-def _static_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_features, n_groups) scales and zeros of the natural contiguous column groups of `weight`."""
-    g = spec.group_size
-    params = [group_params(weight[:, a : a + g], spec.bits, spec.sym) for a in range(0, weight.shape[1], g)]
-    return torch.stack([p[0] for p in params], dim=1), torch.stack([p[1] for p in params], dim=1)
 
 
 @dataclass
@@ -193,16 +190,18 @@ def _quantize_columns(
     block_size: int,
     column_params: _StaticColumns | None,
     group_size: int = 0,
+    importance: torch.Tensor | None = None,
     asymmetry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Codes (int32, in `weight`'s processing order) and the dynamic groups' scales and zeros; None on blow-up.
 
     `weight` (modified in place) and `upper` are already in processing order. `column_params` gives
     the processed columns' static scales and zeros per row (act-order), or is None to compute each
-    group's from the current weights at its first column (natural order, one `group_size` for all rows);
-    the returned scales and zeros are only meaningful then. `asymmetry` (GPTAQ's P, strictly upper, in
-    processing order) adds ``w_j * P[j, k]`` to every later column k once column j is quantized, w_j being
-    column j as it was just before rounding; None leaves GPTQ's sweep exactly as it is.
+    group's from the current weights at its first column (natural order, one `group_size` for all rows,
+    `importance` = diag(H) in that order for the grid); the returned scales and zeros are only meaningful then.
+    `asymmetry` (GPTAQ's P, strictly upper, in processing order) adds ``w_j * P[j, k]`` to every later
+    column k once column j is quantized, w_j being column j as it was just before rounding; None leaves
+    GPTQ's sweep exactly as it is.
     """
     n_rows, in_features = weight.shape
     device = weight.device
@@ -234,7 +233,8 @@ def _quantize_columns(
                         if asymmetry is not None:
                             beyond += block[:, :i] @ asymmetry[start:col, stop:end]
                         current = torch.cat([current, beyond], dim=1)
-                    scales[:, group], zeros[:, group] = rows.group_params(current)
+                    assert importance is not None
+                    scales[:, group], zeros[:, group] = rows.group_params(current, importance[col:end])
                 scale, zero = scales[:, group], zeros[:, group]
             w = block[:, i]
             q = torch.minimum(torch.round(w / scale).add_(zero).clamp_(min=0), maxq)  # quantize_codes, per-row maxq
@@ -366,8 +366,11 @@ def sweep_factored(
         w[:, factor.dead] = 0.0
     group_sizes = sorted({s.group_size for s in specs})
     column_params = None
+    importance = factor.hessian.diagonal()  # in processing order, dead inputs at 1 (their weights are 0)
     if factor.act_order:  # static groups: each weight's natural groups, at its own group size
-        params = [_static_params(w, spec) for w, spec in zip(rows.weights, specs, strict=True)]
+        natural = torch.empty_like(importance)
+        natural[factor.perm] = importance
+        params = [grouped_params(w, spec, natural) for w, spec in zip(rows.weights, specs, strict=True)]
         column_params = _StaticColumns(params, specs, factor.perm)
     elif len(group_sizes) > 1:
         raise LayerwiseError(
@@ -378,7 +381,7 @@ def sweep_factored(
         extra = None if asymmetry is None else asymmetry(factor.upper)
         # The working copy (in processing order) is gathered afresh for every try: no second copy kept.
         result = _quantize_columns(_stacked(rows.weights, factor.perm), factor.upper, rows, block_size,
-                                   column_params, group_sizes[0], extra)
+                                   column_params, group_sizes[0], importance, extra)
         del extra
         if result is not None:
             break

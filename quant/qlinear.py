@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
         self.group_size = spec.group_size
         self.sym = spec.sym
         self.method = spec.method
+        self.grid = spec.grid  # how the scales were chosen: kept so `spec` round-trips; dequantizing ignores it
         self.format = codec_for(spec.method).format
         for name, buffer in allocate(out_features, in_features, spec, device).items():
             self.register_buffer(name, buffer)
@@ -61,7 +62,7 @@ class QuantLinear(nn.Module):
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.method, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.method, self.sym, self.grid)
 
     @classmethod
     def empty(

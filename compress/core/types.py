@@ -24,6 +24,10 @@ BNB_BITS = {"nf4": 4, "int8": 8}
 BNB_SCALE_BITS = 32
 # NF4 block sizes bitsandbytes takes for 4-bit; 32 is left out: its CUDA kernels accept it only since early 2026.
 NF4_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+# How a group's scale and zero are chosen (layerwise.quant.grid): from the group's range, or by a search
+# that minimises the group's (Hessian-diagonal weighted) squared quantization error. The default is first.
+GRIDS = ("minmax", "mse")
+DEFAULT_GRID = GRIDS[0]
 ACTIONS = ("keep", "quantize", "prune", "tie")
 SUBLAYERS = ("attn", "mlp")  # the two sub-layers of a decoder layer that can be dropped on their own
 # Names of the attention and MLP modules inside a decoder layer, across the supported layouts
@@ -46,12 +50,17 @@ class QuantSpec:
     The bitsandbytes methods are absmax formats with no zero, so `sym` does not apply to them:
     ``nf4`` needs bits 4 and takes `group_size` as the bnb block size (one of `NF4_BLOCKSIZES`);
     ``int8`` needs bits 8 and scales whole rows, ignoring `group_size`.
+
+    `grid` names how each group's scale and zero are chosen (`GRIDS`): ``minmax`` from the group's range,
+    ``mse`` by the error-minimising search of `layerwise.quant.grid`. It changes which values are stored,
+    not the format, so a checkpoint reads the same whatever its grid.
     """
 
     bits: int
     group_size: int = 128
     method: str = "rtn"
     sym: bool = False
+    grid: str = DEFAULT_GRID
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -60,6 +69,7 @@ class QuantSpec:
             )
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise LayerwiseError(f"group size must be a positive integer, got {self.group_size!r}")
+        check_grid(self.grid)
         self._check_bnb()
 
     def _check_bnb(self) -> None:
@@ -75,6 +85,11 @@ class QuantSpec:
             raise LayerwiseError(
                 f"nf4 group size {self.group_size} is not a bitsandbytes block size; choose one of "
                 f"{', '.join(map(str, NF4_BLOCKSIZES))}"
+            )
+        if self.grid != DEFAULT_GRID:
+            raise LayerwiseError(
+                f"method {self.method!r} keeps bitsandbytes' absmax scales, so grid {self.grid!r} does not apply; "
+                f"use grid {DEFAULT_GRID!r} or method rtn / gptq"
             )
 
     def n_groups(self, in_features: int) -> int:
@@ -100,7 +115,15 @@ class QuantSpec:
         return out_features * (words_per_row * 32 + self.n_groups(in_features) * per_group)
 
     def label(self) -> str:
-        return f"{self.method}-{self.bits}b-g{self.group_size}{'-sym' if self.sym else ''}"
+        grid = "" if self.grid == DEFAULT_GRID else f"-{self.grid}"
+        return f"{self.method}-{self.bits}b-g{self.group_size}{'-sym' if self.sym else ''}{grid}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON; `grid` only when not the default, so files written before it existed still match."""
+        data = asdict(self)
+        if self.grid == DEFAULT_GRID:
+            del data["grid"]
+        return data
 
     def option(self) -> str:
         """The `--options` spelling: ``bits:group_size:method`` plus ``:sym`` when symmetric."""
@@ -122,6 +145,12 @@ class QuantSpec:
         if len(parts) > 4 or (len(parts) > 3 and parts[3] not in ("sym", "asym")):
             raise LayerwiseError(f"cannot read option {text!r}; the fourth field may only be sym or asym")
         return cls(bits, group_size, method, sym)
+
+
+def check_grid(grid: object) -> None:
+    """Refuse a grid name that is not one of `GRIDS`, in one line naming them."""
+    if grid not in GRIDS:
+        raise LayerwiseError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
 
 
 def sublayer_of(module_name: str) -> str | None:
@@ -152,6 +181,8 @@ class LayerAction:
     `overrides` maps a module name inside the layer (e.g. ``mlp.down_proj``) to its own spec.
     `drop` names sub-layers (``attn``, ``mlp``) removed from a kept or quantized layer: the layer then
     adds nothing from them to the residual stream. Dropping both is `prune`.
+    `grid` (`GRIDS`) is how the quantize action's groups get their scales; None, like `method=None`, means
+    "whatever `apply` is told". Overrides are whole specs and keep their own grid.
     """
 
     layer: int
@@ -163,12 +194,17 @@ class LayerAction:
     tie_to: int | None = None
     overrides: dict[str, QuantSpec] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
+    grid: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise LayerwiseError(
                 f"layer {self.layer}: unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}"
             )
+        if self.grid is not None:
+            check_grid(self.grid)
+            if self.action != "quantize":
+                raise LayerwiseError(f"layer {self.layer}: a {self.action} action quantizes nothing; drop its grid")
         self._check_drop()
         if self.action == "quantize":
             if self.bits is None or self.group_size is None:
@@ -196,25 +232,30 @@ class LayerAction:
         """True when the layer's own weights are gone from the compressed model (pruned or tied)."""
         return self.action in ("prune", "tie")
 
-    def spec(self, default_method: str = "rtn") -> QuantSpec | None:
+    def spec(self, default_method: str = "rtn", default_grid: str = DEFAULT_GRID) -> QuantSpec | None:
         if self.action != "quantize":
             return None
         assert self.bits is not None and self.group_size is not None
-        return QuantSpec(self.bits, self.group_size, self.method or default_method, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.method or default_method, self.sym,
+                         self.grid or default_grid)
 
-    def module_spec(self, module: str, default_method: str = "rtn") -> QuantSpec | None:
+    def module_spec(
+        self, module: str, default_method: str = "rtn", default_grid: str = DEFAULT_GRID
+    ) -> QuantSpec | None:
         if module in self.overrides:
             return self.overrides[module]
-        return self.spec(default_method)
+        return self.spec(default_method, default_grid)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"layer": self.layer, "action": self.action}
         if self.action == "quantize":
             out.update(bits=self.bits, group_size=self.group_size, method=self.method, sym=self.sym)
+            if self.grid is not None:  # absent unless set: plans written before grids existed read the same
+                out["grid"] = self.grid
         if self.action == "tie":
             out["tie_to"] = self.tie_to
         if self.overrides:
-            out["overrides"] = {name: asdict(spec) for name, spec in self.overrides.items()}
+            out["overrides"] = {name: spec.to_dict() for name, spec in self.overrides.items()}
         if self.drop:
             out["drop"] = list(self.drop)
         return out

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import LayerOutcome, Plan, QuantSpec
+from layerwise.core.types import DEFAULT_GRID, LayerOutcome, Plan, QuantSpec, check_grid
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_weight, set_submodule
 from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.model.placement import Placement, oom_as_error
@@ -184,8 +184,9 @@ def apply_plan(
     on_layer: Callable[[LayerStep, LayerOutcome], None] | None = None,
     placement: Placement | None = None,
     reference_hidden: list[torch.Tensor] | None = None,
+    grid: str = DEFAULT_GRID,
 ) -> list[LayerOutcome]:
-    """Quantize `model` in place as `plan` says; `method` fills actions that name none.
+    """Quantize `model` in place as `plan` says; `method` and `grid` fill actions that name none.
 
     Methods that read activations (GPTQ) run layer-sequentially: each layer is calibrated on the
     outputs of the already-quantized layers before it, one layer's activations in memory at a time.
@@ -204,6 +205,7 @@ def apply_plan(
     Returns the outcomes of the layers quantized in this call.
     """
     QUANTIZERS.get(method)
+    check_grid(grid)
     check_plan_fits(plan, model)
     if any(a.action == "prune" for a in plan.layers):
         raise LayerwiseError("the plan prunes layers: apply its structure first (apply_structure) and pass the "
@@ -218,7 +220,7 @@ def apply_plan(
         with oom_as_error("quantizing", step.index, placement):
             action = plan.layers[step.index]
             modules = linear_modules(step.layer)
-            specs = {name: action.module_spec(name, default_method=method) for name in modules}
+            specs = {name: action.module_spec(name, default_method=method, default_grid=grid) for name in modules}
             calibrating = {n: m for n, m in modules.items() if needs_hessian(specs[n])}
             if referenced:
                 cross = {n for n in calibrating if needs_reference_inputs(specs[n])}
@@ -273,9 +275,13 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
     return errors, sq_norms
 
 
-def resolve_methods(plan: Plan, method: str) -> Plan:
-    """A copy of `plan` with `method` written into every quantize action that names none (what was applied)."""
-    layers = [
-        replace(a, method=method) if a.action == "quantize" and a.method is None else replace(a) for a in plan.layers
-    ]
-    return replace(plan, layers=layers)
+def resolve_methods(plan: Plan, method: str, grid: str = DEFAULT_GRID) -> Plan:
+    """A copy of `plan` with `method` (and `grid`) written into every quantize action that names none: what
+    was applied. The default grid is not written, so a plan applied without a grid is stored as before."""
+    def resolved(a):
+        if a.action != "quantize":
+            return replace(a)
+        fill_grid = a.grid is None and grid != DEFAULT_GRID
+        return replace(a, method=a.method or method, grid=grid if fill_grid else a.grid)
+
+    return replace(plan, layers=[resolved(a) for a in plan.layers])

@@ -155,7 +155,7 @@ def _compress(state: _Run, progress: bool) -> CompressResult:
         sink.save_plan(plan)
     with clock.phase("quantize", recipe.method if recipe.quantizing else "(structure only)"):
         outcomes = _quantize(state, plan, quantized, progress)
-    applied = resolve_methods(plan, recipe.method)
+    applied = resolve_methods(plan, recipe.method, recipe.grid)
     report = build_report(source.model, applied, outcomes, state.shapes, model_name=source.name,
                           original_element_bytes=source.element_bytes, scores=state.scores)
     _timings(report, clock, streamed=not sink.keeps_model)
@@ -348,7 +348,7 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
         done = apply_plan(source.model, quantized, recipe.method, windows=state.windows if calibrated else None,
                           progress=progress, weights=source.layer_weights, start=resumed.first, hidden=resumed.hidden,
                           on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated),
-                          placement=state.placement, reference_hidden=resumed.reference)
+                          placement=state.placement, reference_hidden=resumed.reference, grid=recipe.grid)
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = False
     outcomes = sink.outcomes(done, n_layers)

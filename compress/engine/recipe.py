@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import Plan
+from layerwise.core.types import DEFAULT_GRID, Plan, check_grid
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.planning.structure import StructureConfig
 
@@ -55,8 +55,10 @@ class Recipe:
     plan: Plan | None = None  # given (`layerwise apply`): no scoring or planning
     device: str = "auto"
     dtype: str | None = None  # None: the checkpoint's own on a GPU, float32 on the CPU
+    grid: str = DEFAULT_GRID  # how groups get their scales, for actions that name no grid (like `method`)
 
     def __post_init__(self) -> None:
+        check_grid(self.grid)
         unknown = [k for k, _ in self.planner_args if k not in PLANNER_ARGS]
         if unknown:
             raise LayerwiseError(f"unknown planner arguments {unknown}; a recipe takes {', '.join(PLANNER_ARGS)}")
@@ -96,6 +98,8 @@ class Recipe:
         data["structure"] = asdict(self.structure)
         data["calibration"] = asdict(self.calibration)
         data["plan"] = None if self.plan is None else self.plan.to_dict()
+        if self.grid == DEFAULT_GRID:  # absent unless set: recipes written before grids existed read the same
+            del data["grid"]
         return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, **data}
 
     @classmethod

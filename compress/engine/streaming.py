@@ -47,7 +47,6 @@ import json
 import os
 import shutil
 import signal
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +350,7 @@ def _load_batches(file: Path) -> list[torch.Tensor]:
 
 
 def _outcome_to_dict(outcome: LayerOutcome) -> dict[str, Any]:
-    return {"layer": outcome.layer, "specs": {n: None if s is None else asdict(s) for n, s in outcome.specs.items()},
+    return {"layer": outcome.layer, "specs": {n: None if s is None else s.to_dict() for n, s in outcome.specs.items()},
             "errors": outcome.errors, "sq_norms": outcome.sq_norms}
 
 
