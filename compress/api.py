@@ -28,6 +28,12 @@ streams when the float32 weights exceed `STREAM_FRACTION` (40%) of the memory av
 continues an interrupted streamed compression into `out` from its last finished layer (it implies
 streaming); the recipe must be the one the run started with.
 
+`rotate`: fuse orthogonal rotations into the weights before scoring and quantizing (`layerwise.transform`):
+``"hadamard"`` is R1 (the residual stream, with the RMSNorm scales folded into the linears and a tied head
+untied) and R2 (each head's values), ``"hadamard:r2"`` R2 alone (all gemma3 allows); `rotate_seed` seeds
+the random signs. The model computes the same function before quantization; off (None) by default, and
+refused when streaming.
+
 `device`: ``auto`` (default: CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. The weights stay on
 the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
 forward, scoring and quantization, then back. `dtype`: ``float32``, ``bfloat16`` or ``float16`` (default:
@@ -113,20 +119,24 @@ def apply(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     grid: str = DEFAULT_GRID,
+    rotate: str | None = None,
+    rotate_seed: int = 0,
 ) -> CompressResult:
     """Compress the model in place as `plan` says; `method` and `grid` fill the quantize actions that name none.
 
     Pruned layers are removed, dropped sub-layers replaced, tied layers share their representative's
     modules (`tie_mode` ``average`` first gives the representative its run's mean weights), then the
     layers are quantized. Calibration text (`calib`, as in `score`) is read only when a method needs it
-    (gptq). The same pipeline as `compress`, with the plan given instead of made; `device` and `dtype` as there.
+    (gptq). The same pipeline as `compress`, with the plan given instead of made; `device`, `dtype`, `rotate`
+    and `rotate_seed` as there.
     """
-    check_numbers(calib_windows=calib_windows, calib_len=calib_len)
+    check_numbers(calib_windows=calib_windows, calib_len=calib_len, rotate_seed=rotate_seed)
     if tie_mode not in TIE_MODES:
         raise LayerwiseError(f"unknown tie mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     recipe = Recipe(method=method, plan=plan, structure=StructureConfig(tie_mode=tie_mode),
                     calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows,
-                                            calib_len), device=_name(device) or "auto", dtype=_name(dtype), grid=grid)
+                                            calib_len), device=_name(device) or "auto", dtype=_name(dtype), grid=grid,
+                    rotate=rotate, rotate_seed=rotate_seed)
     windows = calib if isinstance(calib, torch.Tensor) else None
     return run(recipe, ResidentSource(model_or_path, tokenizer), MemorySink(None), calib=windows, scores=scores,
                progress=progress)
@@ -167,6 +177,8 @@ def compress(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     grid: str = DEFAULT_GRID,
+    rotate: str | None = None,
+    rotate_seed: int = 0,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -177,12 +189,13 @@ def compress(
     (the planner's defaults apply; one it does not take is refused). `prune`/`drop_attn`/`drop_mlp`/`tie`
     remove structure first. `out` writes the checkpoint; `stream`/`resume` read the model one layer at a
     time into a resumable work directory. `device`/`dtype` place each layer's work. `grid` chooses each
-    group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). The module docstring
+    group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). `rotate` (``"hadamard"``)
+    fuses rotations into the weights before scoring (off by default). The module docstring
     (`help(layerwise.api)`) says each argument in full.
     """
     check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
                   prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,
-                  calib_len=calib_len)
+                  calib_len=calib_len, rotate_seed=rotate_seed)
     if out is not None:
         check_not_inside(out, [model_or_path])
     recipe = Recipe.build(
@@ -190,7 +203,7 @@ def compress(
         high=high, low=low, sym=sym, order=order, seed=seed, n_low=n_low, options=options,
         structure=StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode), prune_scorer=prune_scorer,
         calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows, calib_len),
-        device=_name(device) or "auto", dtype=_name(dtype), grid=grid,
+        device=_name(device) or "auto", dtype=_name(dtype), grid=grid, rotate=rotate, rotate_seed=rotate_seed,
     )
     windows = calib if isinstance(calib, torch.Tensor) else None
     source, sink = _source_and_sink(model_or_path, tokenizer, out, overwrite, stream, resume)
@@ -248,5 +261,7 @@ def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:
     extra["report"] = result.report.to_dict()
     if result.scores is not None:
         extra["scores"] = result.scores.to_dict()
+    if result.rotation is not None:
+        extra["rotation"] = result.rotation.to_dict()
     save_checkpoint(result.model, result.tokenizer, out, plan=result.plan, extra=extra, overwrite=overwrite)
     return out

@@ -117,6 +117,18 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
                         "float16 is refused on the CPU (use bfloat16)")
 
 
+def _add_rotate(p: argparse.ArgumentParser) -> None:
+    from layerwise.transform import ROTATION_KINDS
+
+    p.add_argument("--rotate", default=None, metavar="KIND[:r1|:r2]",
+                   help="fuse orthogonal rotations into the weights before scoring and quantizing "
+                        f"({', '.join(ROTATION_KINDS)}; hadamard = R1 on the residual stream, norms folded, tied "
+                        "head untied, + R2 on each head's values; hadamard:r2 for R2 alone). Off by default; not "
+                        "with --stream")
+    p.add_argument("--rotate-seed", type=_number("rotate_seed"), default=0,
+                   help="seed of the rotations' random signs (default 0)")
+
+
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
     p.add_argument(flag, required=required, help=help_text)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -198,6 +210,7 @@ def _add_apply_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
                    help="tied layers use their representative's weights (default) or the run's average")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_rotate(p)
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
@@ -224,6 +237,7 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed compression into --out from its last finished layer "
                         "(same arguments; implies --stream)")
+    _add_rotate(p)
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
@@ -372,7 +386,8 @@ def _run_apply(args: argparse.Namespace, progress: bool) -> None:
     ppl_before = _perplexity(model, tokenizer, progress, "before", placement) if args.eval else None
     result = api.apply(model, plan, args.method, tokenizer=tokenizer, calib=args.calib,
                        calib_windows=args.calib_windows, calib_len=args.calib_len, tie_mode=args.tie_mode,
-                       progress=progress, grid=args.grid, **placement)
+                       rotate=args.rotate, rotate_seed=args.rotate_seed, progress=progress, grid=args.grid,
+                       **placement)
     _finish_checkpoint(result, args.out, args.overwrite, ppl_before, progress, placement)
 
 
@@ -422,7 +437,7 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
                 prune_block=args.prune_block, prune_scorer=prune_scorer, drop_attn=args.drop_attn,
                 drop_mlp=args.drop_mlp, tie=args.tie, tie_mode=args.tie_mode, calib=args.calib,
                 calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume,
-                grid=args.grid)
+                grid=args.grid, rotate=args.rotate, rotate_seed=args.rotate_seed)
 
 
 def _run_export(args: argparse.Namespace, progress: bool) -> None:

@@ -20,6 +20,7 @@ RELEASED = {
     ("eval/results.py", "FORMAT"): "layerwise.eval",
     ("eval/comparison.py", "REPORT_FORMAT"): "layerwise.report",
     ("compress/output/export_compressed_tensors.py", "FORMAT"): "pack-quantized",
+    ("compress/transform/config.py", "ROTATION_FORMAT"): "layerwise.rotation",
 }
 
 

@@ -115,3 +115,14 @@ def test_kernels_are_a_leaf():
     for module, deps in kernels.items():
         outside = {d for d in deps if not d.startswith(("layerwise.kernels", "layerwise.core"))}
         assert not outside, (module, outside)
+
+
+def test_transform_reads_only_core_and_model():
+    """Rotations are weight algebra on a model: they need the adapter and the core types, nothing that runs."""
+    graph = _graph()
+    transform = {m: deps for m, deps in graph.items() if m.startswith("layerwise.transform")}
+    assert transform
+    allowed = ("layerwise.transform", "layerwise.core", "layerwise.model")
+    for module, deps in transform.items():
+        outside = {d for d in deps if not d.startswith(allowed)}
+        assert not outside, (module, outside)

@@ -62,6 +62,7 @@ RULES: dict[str, Rule] = {
     "n_low": _COUNT,
     "group_size": Rule(integer=True, minimum=1, example="128"),
     "seed": Rule(integer=True, minimum=0, example="0"),
+    "rotate_seed": Rule(integer=True, minimum=0, example="0"),
     "calib_windows": Rule(integer=True, minimum=1, example="64"),
     "calib_len": _TOKENS,
     "prune": _COUNT,

@@ -1,12 +1,16 @@
 """The one compression pipeline: `run(recipe, source, sink)`.
 
-    check ─ open ─ calibrate ─ structure ─ score ─ plan ─ quantize ─ report ─ write
+    check ─ open ─ calibrate ─ structure ─ (rotate) ─ score ─ plan ─ quantize ─ report ─ write
 
 Every run, in memory or streamed from disk, goes through these phases in this code; the source
 (`layerwise.engine.sources`: a resident model, or safetensors read one layer at a time) and the sink
 (`layerwise.engine.sinks`: memory, or a resumable work directory) are the only differences. Everything that
 can be refused (names, budget, what a source cannot do, the output) is refused before the first slow
 phase. Each phase is announced by name and timed on its own (`Report.metrics["phase_seconds"]`).
+
+The rotate phase runs only when the recipe asks for it (`Recipe.rotate`): after the structure is decided
+(so pruned layers are not rotated for nothing) and before scoring and planning, so the damage measured is
+the damage to the rotated model.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from layerwise.planning.planners import PLANNERS, check_planner_accepts, make_pl
 from layerwise.planning.structure import plan_structure
 from layerwise.quant import QUANTIZERS
 from layerwise.quant.registry import method_needs_hessian, needs_hessian
+from layerwise.transform import RotationRecord, check_rotatable, rotate_model
 
 Source = ResidentSource | StreamedSource
 Sink = MemorySink | WorkDirSink
@@ -58,6 +63,7 @@ class CompressResult:
     scores: LayerScores | None
     report: Report
     recipe: Recipe | None = None
+    rotation: RotationRecord | None = None  # what `Recipe.rotate` applied (None: no rotation)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class _Run:
     compacted: Plan | None = None
     scores: LayerScores | None = None
     placement: Placement | None = None
+    device: torch.device | None = None
+    rotation: RotationRecord | None = None
 
 
 def resolve(recipe: Recipe) -> Recipe:
@@ -90,9 +98,9 @@ def resolve(recipe: Recipe) -> Recipe:
     planner = recipe.planner or ("optimal" if "option_damage" in scorer_cls.provides else "lwq")
     for name in set(recipe.structure.scorers(recipe.prune_scorer).values()):
         SCORERS.get(name)
-    if not recipe.quantizing and recipe.structure.empty:
-        raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, or a structural change (prune, "
-                             "drop_attn, drop_mlp, tie)")
+    if not recipe.quantizing and recipe.structure.empty and recipe.rotate is None:
+        raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, a structural change (prune, "
+                             "drop_attn, drop_mlp, tie) or a rotation (rotate)")
     planner_cls = PLANNERS.get(planner)
     if recipe.scoring:
         check_planner_accepts(planner_cls, scorer_cls)
@@ -113,12 +121,14 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
     check_source(source, recipe)
     device = resolve_device(recipe.device)
     sink.check()
-    state = _Run(recipe, source, sink, PhaseClock(progress), scores=scores)
+    state = _Run(recipe, source, sink, PhaseClock(progress), scores=scores, device=device)
     try:
         with state.clock.phase("load", source.name if isinstance(source, StreamedSource) else ""):
             state.placement = open_placed(source, device, recipe.dtype)
         if recipe.plan is not None:
             check_plan_fits(recipe.plan, source.model)
+        if recipe.rotation is not None:
+            check_rotatable(source.model, recipe.rotation)
         state.shapes = layer_linear_shapes(source.model)
         recipe.structure.check(len(state.shapes))
         _budget_dry_run(state)
@@ -146,6 +156,9 @@ def _compress(state: _Run, progress: bool) -> CompressResult:
     recipe, source, sink, clock = state.recipe, state.source, state.sink, state.clock
     with clock.phase("structure", ", ".join(sorted(set(recipe.structure.scorers(recipe.prune_scorer).values())))):
         _structure(state, progress)
+    if recipe.rotation is not None:
+        with clock.phase("rotate", recipe.rotation.name()):
+            state.rotation = rotate_model(source.model, recipe.rotation, state.device)
     with clock.phase("score", recipe.scorer if recipe.scoring else "(none needed)"):
         if recipe.scoring:
             state.scores = sink.cached_scores() or _score(state, progress)
@@ -159,13 +172,18 @@ def _compress(state: _Run, progress: bool) -> CompressResult:
     report = build_report(source.model, applied, outcomes, state.shapes, model_name=source.name,
                           original_element_bytes=source.element_bytes, scores=state.scores)
     _timings(report, clock, streamed=not sink.keeps_model)
+    if state.rotation is not None:
+        report.metrics["rotation"] = state.rotation.describe()
     extra: dict[str, Any] = {"recipe": recipe.to_dict(), "report": report.to_dict()}
     if state.scores is not None:
         extra["scores"] = state.scores.to_dict()
+    if state.rotation is not None:
+        extra["rotation"] = state.rotation.to_dict()
     with clock.phase("write", str(sink.out) if sink.out is not None else "(in memory)"):
         sink.write(source.model, source.tokenizer, applied, extra, source)
     model = source.model if sink.keeps_model else None
-    return CompressResult(model, source.tokenizer, applied, state.scores, report, recipe)  # type: ignore[arg-type]
+    return CompressResult(model, source.tokenizer, applied, state.scores, report, recipe,  # type: ignore[arg-type]
+                          state.rotation)
 
 
 def _timings(report: Report, clock: PhaseClock, streamed: bool) -> None:

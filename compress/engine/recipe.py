@@ -4,6 +4,10 @@ One recipe drives one `layerwise.engine.pipeline.run`: what calibration text to 
 which scorer and planner allocate the bits (with only the planner arguments the user gave), the method
 and its options, the device and dtype. The same recipe gives the same checkpoint; a resumed run must have
 the recipe it started with (`Recipe.compared` is what is compared).
+
+`rotate` (``hadamard``, ``hadamard:r2``, ... see `layerwise.transform.config`) fuses orthogonal rotations into
+the weights after the structural changes and before scoring; off (None) by default. A recipe without it
+serialises exactly as before the option existed, so existing runs keep their metadata and resume.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, Plan, check_grid
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.planning.structure import StructureConfig
+from layerwise.transform import RotationConfig
 
 RECIPE_FORMAT = "layerwise.recipe"
 RECIPE_VERSION = 1
@@ -56,12 +61,21 @@ class Recipe:
     device: str = "auto"
     dtype: str | None = None  # None: the checkpoint's own on a GPU, float32 on the CPU
     grid: str = DEFAULT_GRID  # how groups get their scales, for actions that name no grid (like `method`)
+    rotate: str | None = None  # fused rotations (`layerwise.transform`), e.g. "hadamard"; None: none
+    # Its own seed, not the planner's `seed` (that one orders lwq's random layer order, and planners that do
+    # not take it refuse it).
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
         unknown = [k for k, _ in self.planner_args if k not in PLANNER_ARGS]
         if unknown:
             raise LayerwiseError(f"unknown planner arguments {unknown}; a recipe takes {', '.join(PLANNER_ARGS)}")
+        self.rotation  # noqa: B018 - refuses a malformed rotation on construction
+
+    @property
+    def rotation(self) -> RotationConfig | None:
+        return None if self.rotate is None else RotationConfig.parse(self.rotate, self.rotate_seed)
 
     @classmethod
     def build(cls, **kwargs: Any) -> Recipe:
@@ -100,6 +114,8 @@ class Recipe:
         data["plan"] = None if self.plan is None else self.plan.to_dict()
         if self.grid == DEFAULT_GRID:  # absent unless set: recipes written before grids existed read the same
             del data["grid"]
+        if self.rotate is None:  # as recipes were written before rotations existed
+            del data["rotate"], data["rotate_seed"]
         return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, **data}
 
     @classmethod

@@ -94,6 +94,9 @@ class StreamedSource:
         if not recipe.structure.empty:
             return (f"{self.why} cannot prune, drop or tie layers yet; compress without streaming "
                     "(stream=False, --no-stream) or without the structural options")
+        if recipe.rotate is not None:
+            return (f"{self.why} cannot rotate yet (the embeddings, the head and every layer would be rewritten as "
+                    "they are read); compress without streaming (stream=False, --no-stream) or without --rotate")
         if recipe.scoring and not SCORERS.get(recipe.scorer).layer_local:
             local = [n for n in SCORERS.names() if SCORERS.get(n).layer_local]
             return (f"{self.why} cannot use scorer {recipe.scorer!r}, which needs the whole model in memory; use "

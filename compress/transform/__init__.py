@@ -1,0 +1,12 @@
+"""Weight transforms that keep the model's function: norm folding and fused rotations (R1, R2).
+
+Imports only `layerwise.core` and `layerwise.model`. `rotate_model(model, RotationConfig.parse("hadamard"))`
+rotates a float model in place and returns a `RotationRecord` for the checkpoint's metadata.
+"""
+
+from layerwise.transform.config import STAGES, RotationConfig, RotationRecord
+from layerwise.transform.hadamard import ROTATION_KINDS, Orthogonal, OrthogonalSpec, orthogonal
+from layerwise.transform.rotate import check_rotatable, rotate_model
+
+__all__ = ["ROTATION_KINDS", "STAGES", "Orthogonal", "OrthogonalSpec", "RotationConfig", "RotationRecord",
+           "check_rotatable", "orthogonal", "rotate_model"]
