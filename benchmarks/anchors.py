@@ -23,9 +23,8 @@ Rows (``--only`` takes names, or the groups ``anchors``, ``layerwise``, ``all``)
   lw-uniform-4-g64, lw-uniform-3-g64
                     ``layerwise.compress(uniform=b, method="gptq", group_size=64)``
 
-Weights are replaced by what each format dequantizes to, so every row is evaluated by the same fp32
-forward pass (bitsandbytes' and HQQ's own CPU matmuls dequantize to the same values first); llm-compressor's
-modules keep the fake-quantization it leaves on them.
+The bitsandbytes and HQQ rows replace each weight by what their format dequantizes it to, so every row is
+evaluated by the same fp32 forward pass; llm-compressor's modules keep the fake-quantization it leaves on them.
 
 Bits per decoder weight, as each format stores the decoder linears (embeddings and head excluded, as in
 layerwise's budget): layerwise's report; 32 for fp32. For the others, from what they store:
