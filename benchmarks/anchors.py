@@ -408,7 +408,8 @@ def merged_rows(previous: dict[str, Any] | None, settings: Settings, new: list[R
     return sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
 
 
-def to_markdown(rows: list[RowResult], settings: Settings, versions: dict[str, str | None], threads: int) -> str:
+def to_markdown(rows: list[RowResult], settings: Settings, versions: dict[str, str | None], threads: int,
+                load: float) -> str:
     fp32 = next((r.perplexity for r in rows if r.name == "fp32" and r.status == "ok"), None)
     lines = ["| row | method | perplexity | × fp32 | bits/weight | seconds | note |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -424,7 +425,8 @@ def to_markdown(rows: list[RowResult], settings: Settings, versions: dict[str, s
     used = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
     lines += [
         "",
-        f"Model {model_name(settings.model)}, fp32, CPU ({threads} threads). Perplexity: {protocol.name}, "
+        f"Model {model_name(settings.model)}, fp32, CPU ({threads} threads; 1-minute load average {load:.1f} on "
+        f"{os.cpu_count()} CPUs when written, which the seconds depend on). Perplexity: {protocol.name}, "
         f"{protocol.describe()}. Calibration: {settings.calib_windows} windows of {settings.calib_len} tokens of "
         f"the {DEFAULT_CORPUS} calibration split. Bits per decoder weight as stored, scales/zeros included "
         "(HQQ and compressed-tensors scales/zeros counted at 16 bits, bitsandbytes' absmax at its own widths). "
@@ -439,12 +441,12 @@ def to_markdown(rows: list[RowResult], settings: Settings, versions: dict[str, s
 def write_results(out: Path, settings: Settings, rows: list[RowResult]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     versions = package_versions()
-    threads = torch.get_num_threads()
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
     data = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "settings": asdict(settings),
-            "protocol": asdict(settings.protocol()), "threads": threads, "versions": versions,
-            "rows": [asdict(r) for r in rows]}
+            "protocol": asdict(settings.protocol()), "threads": threads, "load_average_1min": load,
+            "cpus": os.cpu_count(), "versions": versions, "rows": [asdict(r) for r in rows]}
     write_json_atomic(out / JSON_FILE, data)
-    markdown = to_markdown(rows, settings, versions, threads)
+    markdown = to_markdown(rows, settings, versions, threads, load)
     write_file_atomic(out / MD_FILE, lambda tmp: tmp.write_text(markdown))
 
 
@@ -515,8 +517,7 @@ def main(argv: list[str] | None = None) -> list[RowResult]:
         progress(f"row {i}/{len(names)}: {name}")
         results.append(run_row(name, settings) if args.in_process else run_isolated(name, settings))
         write_results(out, settings, merged_rows(previous, settings, results))  # each finished row at once
-    rows = merged_rows(previous, settings, results)
-    print(to_markdown(rows, settings, package_versions(), torch.get_num_threads()), end="")
+    print((out / MD_FILE).read_text(), end="")
     progress(f"wrote {out / JSON_FILE} and {out / MD_FILE}")
     return results
 
