@@ -15,8 +15,10 @@ diagonal. The factors:
 
 Examples: 576 = 12·12·4, 896 = 28·32, 960 = 12·20·4, 1536 = 12·128, 14336 = 28·512.
 
-Everything is built in float64. Applying Q to a tensor never forms the n×n matrix: each factor is contracted
-along its own axis of the reshaped tensor, ``O(n · Σ f_i)`` per row instead of ``O(n²)``.
+Everything is built in float64. Applying Q to a tensor never forms the n×n matrix: the factors are merged
+into two dense blocks of about √n each (``H_2^m = H_2^a ⊗ H_2^(m-a)`` lets the Sylvester part split
+anywhere), and each block is one matrix product along its axis of the reshaped tensor: ``O(n (a + b))`` per
+row instead of ``O(n²)``, in products large enough for BLAS to run them well.
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ import torch
 from layerwise.core.errors import LayerwiseError
 
 ROTATION_KINDS = ("hadamard", "random")
-# Sylvester factors are applied in pieces of at most this width (``H_2^m`` is a Kronecker power, so any split
-# is the same matrix): cheaper to apply than one wide block, and no 2^m x 2^m matrix is ever built.
-_SYLVESTER_PIECE = 64
 _MAX_RANDOM_BLOCK = 8192  # a random fallback block is dense: m x m float64 and an m³ QR
 
 
@@ -68,11 +67,11 @@ class OrthogonalSpec:
 
 
 class Orthogonal:
-    """An orthonormal n×n matrix Q held as ``diag(signs) · (F_1 ⊗ ... ⊗ F_k)`` in float64."""
+    """An orthonormal n×n matrix Q held as ``diag(signs) · (A ⊗ B)`` in float64 (A, B orthonormal blocks)."""
 
-    def __init__(self, spec: OrthogonalSpec, factors: list[torch.Tensor], signs: torch.Tensor) -> None:
+    def __init__(self, spec: OrthogonalSpec, blocks: list[torch.Tensor], signs: torch.Tensor) -> None:
         self.spec = spec
-        self.factors = factors
+        self.blocks = blocks
         self.signs = signs
 
     @property
@@ -82,26 +81,30 @@ class Orthogonal:
     def right(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Q`` over the last axis, in float64 on x's device."""
         x = x.to(torch.float64) * self.signs.to(x.device)
-        return _kron_apply(x, self.factors, transpose=False)
+        return _kron_apply(x, self.blocks, transpose=False)
 
     def right_t(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Qᵀ`` over the last axis: undoes `right`."""
-        return _kron_apply(x.to(torch.float64), self.factors, transpose=True) * self.signs.to(x.device)
+        return _kron_apply(x.to(torch.float64), self.blocks, transpose=True) * self.signs.to(x.device)
 
     def matrix(self) -> torch.Tensor:
         """The dense n×n matrix (for tests and small widths)."""
         return self.right(torch.eye(self.size, dtype=torch.float64))
 
 
-def _kron_apply(x: torch.Tensor, factors: list[torch.Tensor], transpose: bool) -> torch.Tensor:
-    """``x @ (F_1 ⊗ ... ⊗ F_k)`` (or its transpose) over the last axis: the last axis viewed as (f_1, ..., f_k)
-    in row-major order, each factor contracted along its own axis."""
+def _kron_apply(x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool) -> torch.Tensor:
+    """``x @ (A ⊗ B)`` (or its transpose) over the last axis, which is viewed as (a, b) in row-major order:
+    B contracts the b axis, then A the a axis (one or no block: a plain product, or x itself)."""
     shape = x.shape
-    sizes = [f.shape[0] for f in factors]
-    y = x.reshape(-1, *sizes)
-    for axis, factor in enumerate(factors, start=1):
-        f = factor.to(y.device)
-        y = (y.movedim(axis, -1) @ (f.T if transpose else f)).movedim(-1, axis)
+    mats = [(m.T if transpose else m).to(x.device) for m in blocks]
+    if not mats:
+        return x
+    if len(mats) == 1:
+        return x @ mats[0]
+    left, right = mats
+    a, b = left.shape[0], right.shape[0]
+    y = (x.reshape(-1, b) @ right).reshape(-1, a, b)
+    y = (y.transpose(1, 2).reshape(-1, a) @ left).reshape(-1, b, a).transpose(1, 2)
     return y.reshape(shape)
 
 
@@ -120,9 +123,31 @@ def orthogonal(n: int, kind: str = "hadamard", seed: int = 0) -> Orthogonal:
                           dtype=torch.float64))
     names = hadamard_factors(n)
     fallback = any(name.startswith("random:") for name in names)
-    matrices = [m for name in names for m in _factor_matrices(name, generator)]
+    others = [_factor_matrix(name, generator) for name in names if not name.startswith("sylvester:")]
+    power = n // math.prod(m.shape[0] for m in others)
     signs = (torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64) * 2 - 1).to(torch.float64)
-    return Orthogonal(OrthogonalSpec(kind, n, tuple(names), seed, True, fallback), matrices, signs)
+    return Orthogonal(OrthogonalSpec(kind, n, tuple(names), seed, True, fallback), _two_blocks(others, power), signs)
+
+
+def _two_blocks(others: list[torch.Tensor], power: int) -> list[torch.Tensor]:
+    """``others[0] ⊗ ... ⊗ others[-1] ⊗ H_power / √power`` as at most two orthonormal blocks A ⊗ B, split where
+    a + b is smallest (the Sylvester part may split anywhere: H_2^m = H_2^s ⊗ H_2^(m-s))."""
+    m = power.bit_length() - 1
+    splits = [(others[:i], 0, others[i:], m) for i in range(len(others))]
+    splits += [(others, s, [], m - s) for s in range(m + 1)]
+
+    def block(parts: list[torch.Tensor], exponent: int) -> torch.Tensor:
+        out = sylvester(2**exponent) / math.sqrt(2**exponent)
+        for part in reversed(parts):
+            out = torch.kron(part, out)
+        return out
+
+    def width(parts: list[torch.Tensor], exponent: int) -> int:
+        return math.prod(p.shape[0] for p in parts) * 2**exponent
+
+    left, s_left, right, s_right = min(splits, key=lambda t: width(t[0], t[1]) + width(t[2], t[3]))
+    blocks = [block(left, s_left), block(right, s_right)]
+    return [b for b in blocks if b.shape[0] > 1]
 
 
 def _stream(seed: int, n: int) -> int:
@@ -143,22 +168,15 @@ def _check_random_width(m: int, what: str) -> None:
                              "not offered (use the hadamard rotation)")
 
 
-def _factor_matrices(name: str, generator: torch.Generator) -> list[torch.Tensor]:
-    """The orthonormal matrices of one named factor (a Sylvester factor in pieces)."""
+def _factor_matrix(name: str, generator: torch.Generator) -> torch.Tensor:
+    """The orthonormal matrix of one named Paley or random factor."""
     family, _, size = name.partition(":")
     n = int(size)
-    if family == "sylvester":
-        pieces = []
-        while n > 1:
-            piece = min(n, _SYLVESTER_PIECE)
-            pieces.append(sylvester(piece) / math.sqrt(piece))
-            n //= piece
-        return pieces
     if family == "random":
         _check_random_width(n, "the fallback block")
-        return [random_orthogonal(n, generator)]
+        return random_orthogonal(n, generator)
     matrix = paley1(n - 1) if family == "paley1" else paley2(n // 2 - 1)
-    return [matrix / math.sqrt(n)]
+    return matrix / math.sqrt(n)
 
 
 def hadamard_factors(n: int) -> list[str]:

@@ -29,6 +29,8 @@ All products are computed in float64 (on `device`) and each weight is cast back 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -120,9 +122,11 @@ def _rotate_stream(linears: dict[str, nn.Linear], facts: ArchFacts, q: Orthogona
             edits.put(module.bias, q.right(edits.get(module.bias)))
 
 
+@dataclass(frozen=True)
 class _Heads:
-    def __init__(self, n_heads: int, n_kv: int, head_dim: int) -> None:
-        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+    n_heads: int
+    n_kv: int
+    head_dim: int
 
 
 def _heads(model: nn.Module, facts: ArchFacts, present: list[dict[str, nn.Linear]]) -> _Heads:
