@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -515,7 +516,10 @@ def _print_eval(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with warnings.catch_warnings():  # one line each on stderr as they happen, not file:line and source
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            run(args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -523,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         print("layerwise: interrupted; nothing was written under the output name", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"layerwise: warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

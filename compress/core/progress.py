@@ -43,7 +43,12 @@ def bar(iterable: Iterable[T], *, desc: str, total: int | None = None, initial: 
         if now - last >= LINE_INTERVAL_S or done == total:
             last = now
             of = f"/{total}" if total is not None else ""
-            print(f"{desc}: {done}{of} {unit}s ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{desc}: {done}{of} {plural(unit)} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+def plural(unit: str) -> str:
+    """``batch`` -> ``batches``, ``layer`` -> ``layers``: units are English nouns."""
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x", "z")) else "s")
 
 
 def _length(iterable: Iterable[Any]) -> int | None:

@@ -16,6 +16,7 @@ the damage to the rotated model.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -129,6 +130,7 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
             check_plan_fits(recipe.plan, source.model)
         if recipe.rotation is not None:
             check_rotatable(source.model, recipe.rotation)
+            _warn_rotation_without_hessian(recipe)
         state.shapes = layer_linear_shapes(source.model)
         recipe.structure.check(len(state.shapes))
         _budget_dry_run(state)
@@ -141,6 +143,14 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         raise
     finally:
         sink.close()
+
+
+def _warn_rotation_without_hessian(recipe: Recipe) -> None:
+    """Rotation helps methods that read a Hessian; with RTN it was measured to hurt (docs/rotation.md)."""
+    if recipe.quantizing and not method_needs_hessian(recipe.method):
+        warnings.warn(f"rotation with --method {recipe.method} (no Hessian) was measured to raise perplexity "
+                      "a lot on models with massive activations (docs/rotation.md); rotate with --method gptq "
+                      "or gptaq", stacklevel=2)
 
 
 def open_placed(source: Source, device: str | torch.device, dtype: str | None) -> Placement | None:
@@ -159,7 +169,7 @@ def _compress(state: _Run, progress: bool) -> CompressResult:
     if recipe.rotation is not None:
         with clock.phase("rotate", recipe.rotation.name()):
             state.rotation = rotate_model(source.model, recipe.rotation, state.device)
-    with clock.phase("score", recipe.scorer if recipe.scoring else "(none needed)"):
+    with clock.phase("score", recipe.scorer if recipe.scoring else "none needed"):
         if recipe.scoring:
             state.scores = sink.cached_scores() or _score(state, progress)
             sink.save_scores(state.scores)
@@ -179,7 +189,7 @@ def _compress(state: _Run, progress: bool) -> CompressResult:
         extra["scores"] = state.scores.to_dict()
     if state.rotation is not None:
         extra["rotation"] = state.rotation.to_dict()
-    with clock.phase("write", str(sink.out) if sink.out is not None else "(in memory)"):
+    with clock.phase("write", str(sink.out) if sink.out is not None else "in memory"):
         sink.write(source.model, source.tokenizer, applied, extra, source)
     model = source.model if sink.keeps_model else None
     return CompressResult(model, source.tokenizer, applied, state.scores, report, recipe,  # type: ignore[arg-type]

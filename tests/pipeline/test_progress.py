@@ -34,6 +34,16 @@ def test_a_bar_prints_plain_lines_when_stderr_is_not_a_terminal(monkeypatch):
     assert "\r" not in log.getvalue()
 
 
+def test_units_are_pluralised_as_english_nouns(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)
+    for unit in ("batch", "window", "pass"):
+        list(progress.bar(range(2), desc="d", unit=unit))
+    assert [line.split(" (")[0] for line in log.getvalue().splitlines()[1::2]] == [
+        "d: 2/2 batches", "d: 2/2 windows", "d: 2/2 passes"]
+
+
 def test_quiet_runs_print_nothing(tiny_model_dir, capsys):
     layerwise.compress(str(tiny_model_dir), uniform=4, method="rtn", group_size=32, progress=False)
     assert capsys.readouterr().err == ""

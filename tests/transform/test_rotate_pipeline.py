@@ -5,6 +5,7 @@ before any work, and rotated checkpoints export."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -165,3 +166,18 @@ def test_rotation_lowers_4bit_rtn_error_on_outlier_columns():
     # ||W Q - Q(W Q)|| / ||W Q|| is comparable with ||W - Q(W)|| / ||W||: Q keeps norms.
     assert errors["hadamard"][0] < 0.8 * errors[None][0]
     assert errors["hadamard"][1] < errors[None][1]
+
+
+def test_rotation_with_a_method_without_hessian_warns_and_with_gptq_does_not(tied_model_dir, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="rotate with --method gptq or gptaq"):
+        layerwise.compress(str(tied_model_dir), uniform=4, method="rtn", group_size=32, rotate="hadamard",
+                           progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layerwise.compress(str(tied_model_dir), uniform=4, method="gptq", group_size=32, rotate="hadamard",
+                           progress=False, **CALIB)
+    assert main(["--quiet", "compress", str(tied_model_dir), "--uniform", "4", "--method", "rtn", "--group-size",
+                 "32", "--rotate", "hadamard", "--out", str(tmp_path / "ckpt")]) == 0
+    err = capsys.readouterr().err
+    assert "layerwise: warning: rotation with --method rtn" in err
+    assert "UserWarning" not in err  # one line, not the source line of the warning
