@@ -18,10 +18,10 @@ Rows (``--only`` takes names, or the groups ``anchors``, ``layerwise``, ``all``)
   llmc-gptq-4b-g64  llm-compressor ``GPTQModifier`` through ``oneshot`` (sequential pipeline on the CPU),
   llmc-gptq-3b-g64  int weights, asymmetric, group 64, every decoder linear (``lm_head`` ignored), its
                     defaults otherwise (static activation ordering, dampening 0.01, block 128)
-  lw-3, lw-3.25, lw-3.5, lw-4.25
+  lw-2.5, lw-3, lw-3.25, lw-3.5, lw-4.25
                     ``layerwise.compress(bits=B)`` with whatever the package defaults are when it runs
   lw-uniform-4-g64, lw-uniform-3-g64
-                    ``layerwise.compress(uniform=b, method="gptq", group_size=64)``
+                    ``layerwise.compress(uniform=b, group_size=64)``, the package's method and rotation
 
 The bitsandbytes and HQQ rows replace each weight by what their format dequantizes it to, so every row is
 evaluated by the same fp32 forward pass; llm-compressor's modules keep the fake-quantization it leaves on them.
@@ -100,7 +100,7 @@ GROUP = 64
 FLOAT_META_BITS = 16  # a scale or a float zero, as stored for a 16-bit model (see the docstring)
 BNB_FLOAT_BITS = 32  # bitsandbytes keeps absmax, offsets and code tables in fp32 always
 PACKAGES = ("torch", "transformers", "bitsandbytes", "hqq", "llmcompressor", "compressed-tensors")
-LAYERWISE_BUDGETS = (3.0, 3.25, 3.5, 4.25)
+LAYERWISE_BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.25)
 LAYERWISE_UNIFORM = (4, 3)
 
 
@@ -302,9 +302,9 @@ def _register_rows() -> None:
         register(Row(f"lw-{budget:g}", f"layerwise defaults, {budget:g} bits",
                      lambda m, t, s, b=budget: run_layerwise(m, t, s, bits=b), "layerwise"))
     for bits in LAYERWISE_UNIFORM:
-        register(Row(f"lw-uniform-{bits}-g64", f"layerwise uniform {bits}-bit GPTQ, group 64",
-                     lambda m, t, s, b=bits: run_layerwise(m, t, s, bits=None, uniform=b, method="gptq",
-                                                           group_size=GROUP), "layerwise"))
+        register(Row(f"lw-uniform-{bits}-g64", f"layerwise uniform {bits}-bit, group 64",
+                     lambda m, t, s, b=bits: run_layerwise(m, t, s, bits=None, uniform=b, group_size=GROUP),
+                     "layerwise"))
 
 
 _register_rows()

@@ -5,7 +5,7 @@
 `model_or_path`: an ``AutoModelForCausalLM`` (pass its `tokenizer` for scorers that read text), a
 local HF directory, a hub id, or None / ``"smollm2-135m"`` for the built-in default model.
 `bits`: average bits per decoder weight including scale/zero overhead (non-integer is the point).
-The default (`scorer="sensitivity"`, planner `optimal`, `method="gptq"`) measures the damage of
+The default (`scorer="sensitivity"`, planner `optimal`, `method="gptaq"`, `rotate="auto"`) measures the damage of
 every option in `options` (default ``DEFAULT_OPTIONS``, each with `method` unless it names one) on
 each layer and picks the least damaging mix that fits `bits`: the lowest perplexity measured
 (docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
@@ -31,8 +31,12 @@ streaming); the recipe must be the one the run started with.
 `rotate`: fuse orthogonal rotations into the weights before scoring and quantizing (`layerwise.transform`):
 ``"hadamard"`` is R1 (the residual stream, with the RMSNorm scales folded into the linears and a tied head
 untied) and R2 (each head's values), ``"hadamard:r2"`` R2 alone (all gemma3 allows); `rotate_seed` seeds
-the random signs. The model computes the same function before quantization; off (None) by default, and
-refused when streaming.
+the random signs. The model computes the same function before quantization. ``"auto"`` (the default)
+fuses ``hadamard`` when the architecture allows R1 (llama, mistral, qwen2, phi3), the head is not tied
+to the embedding (untying it would add vocab × hidden parameters: +113 MB on the default model), every
+method reads a Hessian (gptq, gptaq: with RTN rotation was measured to hurt) and the model is in memory;
+otherwise none, and a streamed run says so (streaming cannot rotate yet; an explicit rotation is refused
+there). None: no rotation.
 
 `device`: ``auto`` (default: CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. The weights stay on
 the CPU (or on disk when streaming); each decoder layer moves to the device for its calibration
@@ -66,6 +70,7 @@ from layerwise.output.checkpoint import save_checkpoint
 from layerwise.output.paths import check_not_inside
 from layerwise.planning.planners import make_plan
 from layerwise.planning.structure import TIE_MODES, StructureConfig
+from layerwise.transform import AUTO
 
 DEFAULT_MODEL = "smollm2-135m"
 __all__ = ["DEFAULT_MODEL", "CompressResult", "apply", "compress", "make_plan", "save", "score"]
@@ -177,7 +182,7 @@ def compress(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     grid: str = DEFAULT_GRID,
-    rotate: str | None = None,
+    rotate: str | None = AUTO,
     rotate_seed: int = 0,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
@@ -185,13 +190,13 @@ def compress(
     `model_or_path`: a model object (with its `tokenizer`), a local HF directory, a hub id, or None for the
     built-in default model. `bits`: average bits per decoder weight, scale/zero overhead included; the
     default path measures each option's damage per layer (`sensitivity`), allocates (`optimal`) and
-    quantizes (`gptq`). `uniform=b`: every layer at b bits. Planner arguments left at None are not given
+    quantizes (`gptaq`). `uniform=b`: every layer at b bits. Planner arguments left at None are not given
     (the planner's defaults apply; one it does not take is refused). `prune`/`drop_attn`/`drop_mlp`/`tie`
     remove structure first. `out` writes the checkpoint; `stream`/`resume` read the model one layer at a
     time into a resumable work directory. `device`/`dtype` place each layer's work. `grid` chooses each
-    group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). `rotate` (``"hadamard"``)
-    fuses rotations into the weights before scoring (off by default). The module docstring
-    (`help(layerwise.api)`) says each argument in full.
+    group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). `rotate` fuses rotations into
+    the weights before scoring (``"auto"``, the default: R1 + R2 where they apply and cost no storage; None:
+    off). The module docstring (`help(layerwise.api)`) says each argument in full.
     """
     check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
                   prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,

@@ -20,11 +20,13 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, GRIDS
 from layerwise.core.validate import parse_number
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
+from layerwise.engine.recipe import DEFAULT_METHOD
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.model.device import DTYPE_ALIASES, DTYPES
 from layerwise.output.export import EXPORT_FORMATS
 from layerwise.planning.planners import ORDERS, LwqConfig
 from layerwise.planning.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
+from layerwise.transform import AUTO
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -118,16 +120,23 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
                         "float16 is refused on the CPU (use bfloat16)")
 
 
-def _add_rotate(p: argparse.ArgumentParser) -> None:
+def _add_rotate(p: argparse.ArgumentParser, default: str | None) -> None:
     from layerwise.transform import ROTATION_KINDS
 
-    p.add_argument("--rotate", default=None, metavar="KIND[:r1|:r2]",
+    said = ("auto (default): hadamard where the architecture allows R1, the head is not tied to the embeddings "
+            "(untying costs vocab x hidden parameters), the method reads a Hessian (gptq, gptaq) and the model is "
+            "not streamed; else none" if default == AUTO else "off by default")
+    p.add_argument("--rotate", default=default, metavar="KIND[:r1|:r2]|auto|none", type=_rotation,
                    help="fuse orthogonal rotations into the weights before scoring and quantizing "
                         f"({', '.join(ROTATION_KINDS)}; hadamard = R1 on the residual stream, norms folded, tied "
-                        "head untied, + R2 on each head's values; hadamard:r2 for R2 alone). Off by default; not "
-                        "with --stream")
+                        f"head untied, + R2 on each head's values; hadamard:r2 for R2 alone; none). {said}. An "
+                        "explicit rotation is refused with --stream")
     p.add_argument("--rotate-seed", type=_number("rotate_seed"), default=0,
                    help="seed of the rotations' random signs (default 0)")
+
+
+def _rotation(text: str) -> str | None:
+    return None if text.strip().lower() in ("none", "off") else text
 
 
 def _add_output(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = True) -> None:
@@ -211,7 +220,7 @@ def _add_apply_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-mode", default="first", choices=list(TIE_MODES),
                    help="tied layers use their representative's weights (default) or the run's average")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
-    _add_rotate(p)
+    _add_rotate(p, None)
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
@@ -227,7 +236,8 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
                    help="with --prune and --bits: the scorer that allocates bits among the layers left "
                         "(default sensitivity)")
     _add_structure(p)
-    p.add_argument("--method", default="gptq", help=f"quantization method: {_names('method')} (default gptq)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"quantization method: {_names('method')} (default {DEFAULT_METHOD})")
     _add_grid(p)
     _add_plan_options(p)
     _add_calib(p)
@@ -238,7 +248,7 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed compression into --out from its last finished layer "
                         "(same arguments; implies --stream)")
-    _add_rotate(p)
+    _add_rotate(p, AUTO)
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 

@@ -33,26 +33,50 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.model.adapter import LINEAR_TYPES, linear_shape, linear_weight
 
 
-class HessianAccumulator:
-    """Running ``H = (2/n) sum x x^T`` over every input row (token) seen by one linear.
+class _RunningMoment:
+    """Running ``M = (2/n) sum_t a_t b_tᵀ`` over the tokens one linear sees: the (K, K) float32 matrix
+    `HessianAccumulator` (a = b = x) and `CrossTermAccumulator` (a = the input's shift, b = x) keep.
 
     Kept as a running mean rather than a running sum: adding a batch of m rows to n seen ones sets
-    ``H <- (n H + 2 X^T X) / (n + m)``, which weights every token equally whatever the batch sizes (so two
-    batches give the same H as their concatenation) and keeps H at the scale of ``x^2`` however many
+    ``M <- (n M + 2 AᵀB) / (n + m)``, which weights every token equally whatever the batch sizes (so two
+    batches give the same M as their concatenation) and keeps M at the scale of ``x^2`` however many
     tokens arrive, far from float32 overflow.
     """
 
+    _what = "matrix"
+
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         if not isinstance(in_features, int) or in_features < 1:
-            raise LayerwiseError(f"a Hessian needs a positive number of input features, got {in_features!r}")
+            raise LayerwiseError(f"a {self._what} needs a positive number of input features, got {in_features!r}")
         self.in_features = in_features
-        self._hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._moment = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._n_tokens = 0
 
     @property
     def n_tokens(self) -> int:
-        """Rows (tokens) accumulated so far; H has rank at most this."""
+        """Rows (tokens) accumulated so far; the matrix has rank at most this."""
         return self._n_tokens
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().reshape(-1, self.in_features).to(device=self._moment.device, dtype=torch.float32)
+
+    def _fold(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        total = self._n_tokens + right.shape[0]
+        self._moment.mul_(self._n_tokens / total)
+        self._moment.addmm_(left.T, right, alpha=2.0 / total)
+        self._n_tokens = total
+
+    def _value(self, why_empty: str) -> torch.Tensor:
+        """The live buffer (not a copy, to spare K^2 memory); raises when no token was added."""
+        if self._n_tokens == 0:
+            raise LayerwiseError(f"no calibration inputs reached this linear, so it has no {self._what}; {why_empty}")
+        return self._moment
+
+
+class HessianAccumulator(_RunningMoment):
+    """Running ``H = (2/n) sum x x^T`` over every input row (token) seen by one linear."""
+
+    _what = "Hessian"
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -61,12 +85,8 @@ class HessianAccumulator:
         Raises when no token was added: an all-zero H would make GPTQ treat every input as dead and zero
         the whole weight, a silent disaster instead of an error.
         """
-        if self._n_tokens == 0:
-            raise LayerwiseError(
-                "no calibration inputs reached this linear, so it has no Hessian; check that the calibration "
-                "forward passes run through the module the hook was registered on"
-            )
-        return self._hessian
+        return self._value("check that the calibration forward passes run through the module the hook was "
+                           "registered on")
 
     def add(self, x: torch.Tensor) -> None:
         """Fold in a batch of inputs of shape ``(..., in_features)``; every leading index is one token.
@@ -78,15 +98,9 @@ class HessianAccumulator:
             raise LayerwiseError(
                 f"calibration input of shape {tuple(x.shape)} does not end in in_features={self.in_features}"
             )
-        rows = x.detach().reshape(-1, self.in_features)
-        added = rows.shape[0]
-        if added == 0:
-            return
-        rows = rows.to(device=self._hessian.device, dtype=torch.float32)
-        total = self._n_tokens + added
-        self._hessian.mul_(self._n_tokens / total)
-        self._hessian.addmm_(rows.T, rows, alpha=2.0 / total)
-        self._n_tokens = total
+        rows = self._rows(x)
+        if rows.shape[0]:
+            self._fold(rows, rows)
 
     def hook(self, module: nn.Module) -> RemovableHandle:
         """Collect every input `module` (an ``nn.Linear`` or transformers ``Conv1D``) sees in a forward.
@@ -100,32 +114,20 @@ class HessianAccumulator:
         return _hook_inputs(module, self.add)
 
 
-class CrossTermAccumulator:
+class CrossTermAccumulator(_RunningMoment):
     """Running ``C = (2/n) sum_t (x_fp_t - x_t) x_t^T`` over the tokens one linear sees in both streams.
 
     ``C[i, j]`` pairs input i's shift (full precision minus quantized stream) with input j of the quantized
-    stream. Kept as a running mean on the scale of `HessianAccumulator`'s H (the same ``2/n``): GPTAQ only
-    reads C through ``C H^-1``, so the two must share their normalisation, whatever it is.
+    stream. Kept on the scale of `HessianAccumulator`'s H (the same ``2/n``): GPTAQ only reads C through
+    ``C H^-1``, so the two must share their normalisation, whatever it is.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        if not isinstance(in_features, int) or in_features < 1:
-            raise LayerwiseError(f"a cross term needs a positive number of input features, got {in_features!r}")
-        self.in_features = in_features
-        self._cross = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self._n_tokens = 0
-
-    @property
-    def n_tokens(self) -> int:
-        return self._n_tokens
+    _what = "cross term"
 
     @property
     def cross(self) -> torch.Tensor:
         """The (in_features, in_features) float32 C (the live buffer); raises when no token was added."""
-        if self._n_tokens == 0:
-            raise LayerwiseError("no calibration inputs reached this linear, so it has no cross term; check that "
-                                 "both streams' forwards run through the module")
-        return self._cross
+        return self._value("check that both streams' forwards run through the module")
 
     def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
         """Fold in a batch of quantized-stream inputs `x` and the full-precision inputs of the same tokens."""
@@ -134,17 +136,10 @@ class CrossTermAccumulator:
                 f"the full-precision inputs of shape {tuple(reference.shape)} do not pair with the quantized "
                 f"stream's {tuple(x.shape)} (both must end in in_features={self.in_features}, token for token)"
             )
-        rows = x.detach().reshape(-1, self.in_features).to(device=self._cross.device, dtype=torch.float32)
-        added = rows.shape[0]
-        if added == 0:
-            return
-        # Not in place: `reference` may be a view of an activation the stream still needs.
-        shift = reference.detach().reshape(-1, self.in_features).to(device=self._cross.device, dtype=torch.float32)
-        shift = shift - rows
-        total = self._n_tokens + added
-        self._cross.mul_(self._n_tokens / total)
-        self._cross.addmm_(shift.T, rows, alpha=2.0 / total)
-        self._n_tokens = total
+        rows = self._rows(x)
+        if rows.shape[0]:
+            # Not in place: `reference` may be a view of an activation the stream still needs.
+            self._fold(self._rows(reference) - rows, rows)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU runs interpret kernels
@@ -90,3 +91,41 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def interrupt_streaming_at(monkeypatch, index: int) -> None:
+    """Make a streamed compression raise KeyboardInterrupt (as Ctrl-C would) when its quantization pass
+    loads decoder layer `index`; `monkeypatch.undo()` or `record_quantized_loads` ends it."""
+    from layerwise.engine.streaming import StreamedModel
+
+    real = _real_streamed_load()
+
+    def load(self, i):
+        if self.quantizing and i == index:
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(StreamedModel, "load", load)
+
+
+def record_quantized_loads(monkeypatch) -> list[int]:
+    """Restore streaming's own layer loading and list the layers its quantization passes load from now on."""
+    from layerwise.engine.streaming import StreamedModel
+
+    real, loaded = _real_streamed_load(), []
+
+    def load(self, i):
+        if self.quantizing:
+            loaded.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(StreamedModel, "load", load)
+    return loaded
+
+
+@functools.cache
+def _real_streamed_load():
+    """`StreamedModel.load` as layerwise defines it (first read before any test patches it)."""
+    from layerwise.engine.streaming import StreamedModel
+
+    return StreamedModel.load

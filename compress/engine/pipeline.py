@@ -10,7 +10,8 @@ phase. Each phase is announced by name and timed on its own (`Report.metrics["ph
 
 The rotate phase runs only when the recipe asks for it (`Recipe.rotate`): after the structure is decided
 (so pruned layers are not rotated for nothing) and before scoring and planning, so the damage measured is
-the damage to the rotated model.
+the damage to the rotated model. ``rotate="auto"`` (the default of `compress`) is decided when the model is
+open, by `resolve_rotation`, and the recipe recorded in the checkpoint holds the decision.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from layerwise.planning.planners import PLANNERS, check_planner_accepts, make_pl
 from layerwise.planning.structure import plan_structure
 from layerwise.quant import QUANTIZERS
 from layerwise.quant.registry import method_needs_hessian, needs_hessian
-from layerwise.transform import RotationRecord, check_rotatable, rotate_model
+from layerwise.transform import AUTO, RotationConfig, RotationRecord, auto_rotation, check_rotatable, rotate_model
 
 Source = ResidentSource | StreamedSource
 Sink = MemorySink | WorkDirSink
@@ -99,7 +100,7 @@ def resolve(recipe: Recipe) -> Recipe:
     planner = recipe.planner or ("optimal" if "option_damage" in scorer_cls.provides else "lwq")
     for name in set(recipe.structure.scorers(recipe.prune_scorer).values()):
         SCORERS.get(name)
-    if not recipe.quantizing and recipe.structure.empty and recipe.rotate is None:
+    if not recipe.quantizing and recipe.structure.empty and recipe.rotate in (None, AUTO):
         raise LayerwiseError("nothing to do: give a budget (bits), uniform bits, a structural change (prune, "
                              "drop_attn, drop_mlp, tie) or a rotation (rotate)")
     planner_cls = PLANNERS.get(planner)
@@ -126,6 +127,7 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
     try:
         with state.clock.phase("load", source.name if isinstance(source, StreamedSource) else ""):
             state.placement = open_placed(source, device, recipe.dtype)
+        recipe = state.recipe = resolve_rotation(recipe, source)
         if recipe.plan is not None:
             check_plan_fits(recipe.plan, source.model)
         if recipe.rotation is not None:
@@ -143,6 +145,46 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         raise
     finally:
         sink.close()
+
+
+def resolve_rotation(recipe: Recipe, source: Source) -> Recipe:
+    """The recipe with ``rotate="auto"`` decided for the open model: R1 + R2 (``hadamard``) when every
+    method the run quantizes with reads a Hessian (rotation was measured to hurt RTN, docs/rotation.md),
+    the model is in memory (a streamed run cannot rotate yet: it says so and goes on without) and the
+    architecture allows it (`layerwise.transform.auto_rotation`); otherwise no rotation."""
+    if recipe.rotate != AUTO:
+        return recipe
+    chosen = None
+    if recipe.quantizing and all(method_needs_hessian(m) for m in _methods(recipe)):
+        chosen = auto_rotation(source.model)
+        if chosen is not None and not _rotatable(source.model, chosen):
+            chosen = None
+        if chosen is not None and not source.resident:
+            warnings.warn(f"{getattr(source, 'why', 'streaming')} cannot rotate yet, so this run does not "
+                          "(rotation lowers GPTQ/GPTAQ perplexity: compress with --no-stream for it)", stacklevel=2)
+            chosen = None
+    return replace(recipe, rotate=chosen)
+
+
+def _rotatable(model: nn.Module, rotate: str) -> bool:
+    """Whether `rotate` applies to this model as it is (e.g. no linears rotation cannot place)."""
+    try:
+        check_rotatable(model, RotationConfig.parse(rotate))
+    except LayerwiseError:
+        return False
+    return True
+
+
+def _methods(recipe: Recipe) -> set[str]:
+    """Every quantization method the run can use: the recipe's, the options' and the given plan's."""
+    methods = {recipe.method}
+    if recipe.plan is not None:
+        methods |= {a.method for a in recipe.plan.layers if a.action == "quantize" and a.method}
+        methods |= {o.method for a in recipe.plan.layers for o in a.overrides.values()}
+    options = recipe.arg("options")
+    if options is not None:
+        methods |= {spec.method for spec in parse_options(options, recipe.method)}
+    return methods
 
 
 def _warn_rotation_without_hessian(recipe: Recipe) -> None:

@@ -6,8 +6,10 @@ and its options, the device and dtype. The same recipe gives the same checkpoint
 the recipe it started with (`Recipe.compared` is what is compared).
 
 `rotate` (``hadamard``, ``hadamard:r2``, ... see `layerwise.transform.config`) fuses orthogonal rotations into
-the weights after the structural changes and before scoring; off (None) by default. A recipe without it
-serialises exactly as before the option existed, so existing runs keep their metadata and resume.
+the weights after the structural changes and before scoring; ``auto`` lets the pipeline choose once the model
+is open (`layerwise.engine.pipeline.resolve_rotation`), and a recipe that has run holds what it chose. A
+recipe without a rotation serialises exactly as before the option existed, so existing runs keep their
+metadata and resume.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, Plan, check_grid
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.planning.structure import StructureConfig
-from layerwise.transform import RotationConfig
+from layerwise.transform import AUTO, RotationConfig
 
 RECIPE_FORMAT = "layerwise.recipe"
 RECIPE_VERSION = 1
 DEFAULT_SCORER = "sensitivity"
-DEFAULT_METHOD = "gptq"
+DEFAULT_METHOD = "gptaq"
 DEFAULT_GROUP_SIZE = 128
 # Planner arguments a recipe may carry; each planner's Config says which of them it takes.
 PLANNER_ARGS = ("high", "low", "group_size", "sym", "order", "seed", "n_low", "options")
@@ -61,7 +63,7 @@ class Recipe:
     device: str = "auto"
     dtype: str | None = None  # None: the checkpoint's own on a GPU, float32 on the CPU
     grid: str = DEFAULT_GRID  # how groups get their scales, for actions that name no grid (like `method`)
-    rotate: str | None = None  # fused rotations (`layerwise.transform`), e.g. "hadamard"; None: none
+    rotate: str | None = None  # fused rotations (`layerwise.transform`), e.g. "hadamard" or "auto"; None: none
     # Its own seed, not the planner's `seed` (that one orders lwq's random layer order, and planners that do
     # not take it refuse it).
     rotate_seed: int = 0
@@ -71,10 +73,14 @@ class Recipe:
         unknown = [k for k, _ in self.planner_args if k not in PLANNER_ARGS]
         if unknown:
             raise LayerwiseError(f"unknown planner arguments {unknown}; a recipe takes {', '.join(PLANNER_ARGS)}")
-        self.rotation  # noqa: B018 - refuses a malformed rotation on construction
+        if self.rotate != AUTO:
+            self.rotation  # noqa: B018 - refuses a malformed rotation on construction
 
     @property
     def rotation(self) -> RotationConfig | None:
+        """The rotation to fuse; None for none. An ``auto`` request must be resolved by the pipeline first."""
+        if self.rotate == AUTO:
+            raise ValueError("rotate='auto' is decided once the model is open (pipeline.resolve_rotation)")
         return None if self.rotate is None else RotationConfig.parse(self.rotate, self.rotate_seed)
 
     @classmethod

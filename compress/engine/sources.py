@@ -24,6 +24,7 @@ from layerwise.model.adapter import check_causal_lm, check_finite_weights
 from layerwise.model.device import checkpoint_dtype
 from layerwise.model.driver import LayerWeights
 from layerwise.model.loading import load_model, model_name, quiet_transformers
+from layerwise.transform import AUTO
 
 
 class ResidentSource:
@@ -94,7 +95,7 @@ class StreamedSource:
         if not recipe.structure.empty:
             return (f"{self.why} cannot prune, drop or tie layers yet; compress without streaming "
                     "(stream=False, --no-stream) or without the structural options")
-        if recipe.rotate is not None:
+        if recipe.rotate not in (None, AUTO):  # auto chooses no rotation when streaming
             return (f"{self.why} cannot rotate yet (the embeddings, the head and every layer would be rewritten as "
                     "they are read); compress without streaming (stream=False, --no-stream) or without --rotate")
         if recipe.scoring and not SCORERS.get(recipe.scorer).layer_local:

@@ -4,9 +4,10 @@ Imports only `layerwise.core` and `layerwise.model`. `rotate_model(model, Rotati
 rotates a float model in place and returns a `RotationRecord` for the checkpoint's metadata.
 """
 
-from layerwise.transform.config import STAGES, RotationConfig, RotationRecord
+from layerwise.transform.arch import auto_rotation
+from layerwise.transform.config import AUTO, STAGES, RotationConfig, RotationRecord
 from layerwise.transform.hadamard import ROTATION_KINDS, Orthogonal, OrthogonalSpec, orthogonal
 from layerwise.transform.rotate import check_rotatable, rotate_model
 
-__all__ = ["ROTATION_KINDS", "STAGES", "Orthogonal", "OrthogonalSpec", "RotationConfig", "RotationRecord",
-           "check_rotatable", "orthogonal", "rotate_model"]
+__all__ = ["AUTO", "ROTATION_KINDS", "STAGES", "Orthogonal", "OrthogonalSpec", "RotationConfig", "RotationRecord",
+           "auto_rotation", "check_rotatable", "orthogonal", "rotate_model"]

@@ -65,6 +65,32 @@ def architecture(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__)
 
 
+def auto_rotation(model: nn.Module) -> str | None:
+    """What ``rotate="auto"`` fuses into `model`: R1 + R2 (``hadamard``) where R1 is exact and costs no
+    storage, else nothing.
+
+    A head tied to the embedding must be untied by R1 (`layerwise.transform.rotate`): vocab × hidden more
+    parameters, which on small models outweighs the decoder itself (SmolLM2-135M: +113 MB in float32
+    beside 43 MB of 3.25-bit decoder weights), so auto leaves tied models unrotated. R2 alone (all gemma3
+    allows) is not chosen either: on the default model it raised GPTQ's 3-bit perplexity (docs/rotation.md).
+    """
+    facts = ARCHITECTURES.get(architecture(model))
+    if facts is None or facts.r1_refusal is not None or tied_head(model):
+        return None
+    return "hadamard"
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Whether the output head shares its weight with the input embedding."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None:
+        return False
+    if head.weight is embedding.weight:
+        return True
+    on_meta = head.weight.device.type == "meta" or embedding.weight.device.type == "meta"  # no storage to compare
+    return not on_meta and head.weight.data_ptr() == embedding.weight.data_ptr()
+
+
 def facts_for(model: nn.Module, config: RotationConfig) -> ArchFacts:
     """The facts of `model`'s architecture, or a LayerwiseError naming why `config` cannot be applied to it."""
     arch = architecture(model)

@@ -3,7 +3,8 @@
 A request is written ``KIND[:STAGES]``: KIND is how each orthogonal matrix is built (`ROTATION_KINDS`:
 ``hadamard``, a randomized Hadamard; ``random``, a random orthogonal matrix), STAGES which rotations are
 fused, ``r1`` (the residual stream), ``r2`` (each attention head's values), joined by ``+``; both by default.
-``hadamard`` is ``hadamard:r1+r2``; ``hadamard:r2`` fuses R2 only.
+``hadamard`` is ``hadamard:r1+r2``; ``hadamard:r2`` fuses R2 only. ``auto`` (`AUTO`) is not a rotation but a
+request the pipeline turns into one, or into none, for the run at hand.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.transform.hadamard import ROTATION_KINDS, OrthogonalSpec
 
 STAGES = ("r1", "r2")
+# A request resolved per run by `layerwise.engine.pipeline` once the model is open: ``hadamard`` when the
+# architecture allows R1, the quantizer reads a Hessian and the model is in memory; otherwise no rotation.
+AUTO = "auto"
 ROTATION_FORMAT = "layerwise.rotation"
 ROTATION_VERSION = 1
 

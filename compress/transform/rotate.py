@@ -36,7 +36,7 @@ from torch import nn
 
 from layerwise.core.errors import LayerwiseError
 from layerwise.model.adapter import decoder_layers, linear_modules
-from layerwise.transform.arch import ArchFacts, architecture, facts_for
+from layerwise.transform.arch import ArchFacts, architecture, facts_for, tied_head
 from layerwise.transform.config import RotationConfig, RotationRecord, head_seed
 from layerwise.transform.edits import Edits, compute_device
 from layerwise.transform.fold import fold_layer, fold_norm
@@ -185,7 +185,7 @@ def _rotate_outer(model: nn.Module, facts: ArchFacts, q: Orthogonal, device: str
     norm = model.get_submodule(facts.final_norm)
     edits = Edits(device)
     scale = edits.get(norm.weight) + facts.norm_offset
-    tied = head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
+    tied = tied_head(model)
     target = torch.empty_like(head.weight) if tied else head.weight
     _rows_through(head.weight, target, lambda w: q.right(w * scale), device)
     fold_norm(norm, [], facts.norm_offset, edits)  # the scale now lives in the head

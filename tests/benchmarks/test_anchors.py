@@ -50,9 +50,9 @@ def test_fp32_and_a_layerwise_row_make_the_table(anchors, tiny_model_dir, tmp_pa
     assert all(r["status"] == "ok" for r in rows.values()), rows
     fp32, uniform = rows["fp32"], rows["lw-uniform-4-g64"]
     assert fp32["bits"] == 32.0 and fp32["perplexity"] > 1
-    # The layerwise row's bits are its report's: uniform 4-bit group 64 GPTQ over the tiny shapes.
+    # The layerwise row's bits are its report's: uniform 4-bit group 64 (default method) over the tiny shapes.
     model, _ = load_model(str(tiny_model_dir))
-    spec = QuantSpec(4, 64, "gptq")
+    spec = QuantSpec(4, 64, "gptaq")
     shapes = layer_linear_shapes(model)
     expected = sum(spec.storage_bits(*s) for layer in shapes for s in layer.values()) / sum(
         o * i for layer in shapes for o, i in layer.values())

@@ -10,12 +10,12 @@ import re
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_windows, tiny_model, tiny_tokenizer
+from conftest import interrupt_streaming_at, random_windows, record_quantized_loads, tiny_model, tiny_tokenizer
 
 import layerwise
 from layerwise.cli import main
 from layerwise.engine.applier import apply_plan, plan_needs_reference
-from layerwise.engine.streaming import StreamedModel, WorkDir, partial_dir
+from layerwise.engine.streaming import WorkDir, partial_dir
 from layerwise.model.adapter import layer_linear_shapes
 from layerwise.model.driver import stream_layers
 from layerwise.model.placement import Placement
@@ -23,7 +23,8 @@ from layerwise.planning.planners import uniform_plan
 from layerwise.quant import QuantLinear
 
 WINDOWS = random_windows(6, 24)  # 144 tokens: full-rank Hessians for the 128 MLP inputs
-KWARGS = dict(uniform=3, method="gptaq", group_size=32, calib=WINDOWS, progress=False)
+# rotate=None: streaming cannot rotate, and these tests compare streamed runs with in-memory ones.
+KWARGS = dict(uniform=3, method="gptaq", group_size=32, calib=WINDOWS, progress=False, rotate=None)
 
 
 @functools.cache
@@ -93,14 +94,7 @@ def test_the_reference_stream_is_the_float_models_and_placement_changes_nothing(
 def test_an_interrupted_streamed_run_resumes_from_both_saved_streams(tmp_path, monkeypatch):
     path = saved_model(tmp_path, "llama", n_layers=4)
     layerwise.compress(str(path), stream=True, out=str(tmp_path / "whole"), **KWARGS)
-    real_load = StreamedModel.load
-
-    def crash_at_2(self, index):
-        if self.quantizing and index == 2:
-            raise KeyboardInterrupt
-        return real_load(self, index)
-
-    monkeypatch.setattr(StreamedModel, "load", crash_at_2)
+    interrupt_streaming_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         layerwise.compress(str(path), stream=True, out=str(tmp_path / "ckpt"), **KWARGS)
     work = WorkDir(tmp_path / "ckpt")
@@ -112,11 +106,9 @@ def test_an_interrupted_streamed_run_resumes_from_both_saved_streams(tmp_path, m
     assert work.resume_point(4, calibrated=True, reference=True) == 0
     assert work.resume_point(4, calibrated=True) == 2
     work.reference_file(2).write_bytes(saved)
-    loaded = []
-    monkeypatch.setattr(StreamedModel, "load",
-                        lambda self, i: loaded.append((self.quantizing, i)) or real_load(self, i))
+    loaded = record_quantized_loads(monkeypatch)
     layerwise.compress(str(path), stream=True, resume=True, out=str(tmp_path / "ckpt"), **KWARGS)
-    assert [i for quantizing, i in loaded if quantizing] == [2, 3]
+    assert loaded == [2, 3]
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "model.safetensors").read_bytes()
 

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import random_windows, tiny_config, tiny_tokenizer
+from conftest import interrupt_streaming_at, random_windows, record_quantized_loads, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import layerwise
 from layerwise.core.errors import LayerwiseError
-from layerwise.engine.streaming import KILL_ENV, StreamedModel, partial_dir
+from layerwise.engine.streaming import KILL_ENV, partial_dir
 
 N_LAYERS = 4
 
@@ -72,27 +72,17 @@ def test_sigkill_in_a_middle_layer_then_resume_is_byte_identical(model_dir, tmp_
 def test_interrupted_rtn_run_resumes_in_process(model_dir, tmp_path, monkeypatch):
     kwargs = dict(bits=3.25, scorer="zd", method="rtn", group_size=32, progress=False)
     layerwise.compress(str(model_dir), out=str(tmp_path / "whole"), stream=True, **kwargs)
-    real_load = StreamedModel.load
-
-    def crash_at_3(self, index):
-        if self.quantizing and index == 3:
-            raise KeyboardInterrupt
-        return real_load(self, index)
-
-    monkeypatch.setattr(StreamedModel, "load", crash_at_3)
+    interrupt_streaming_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), stream=True, **kwargs)
-    monkeypatch.setattr(StreamedModel, "load", real_load)
-    loaded = []
-    monkeypatch.setattr(StreamedModel, "load",
-                        lambda self, i: loaded.append((self.quantizing, i)) or real_load(self, i))
+    loaded = record_quantized_loads(monkeypatch)
     for stream in (True, False, None):  # without resume: refused, whichever way it would run
         with pytest.raises(LayerwiseError, match="interrupted streamed compression.*--resume.*remove"):
             layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), stream=stream, **kwargs)
     with pytest.raises(LayerwiseError, match="different arguments.*group_size: 32 then, 64 now"):
         layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), resume=True, **{**kwargs, "group_size": 64})
     layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), resume=True, **kwargs)
-    assert [i for quantizing, i in loaded if quantizing] == [3]  # layers 0-2 were not quantized again
+    assert loaded == [3]  # layers 0-2 were not quantized again
     assert same_weights(tmp_path / "ckpt", tmp_path / "whole")
 
 
@@ -109,20 +99,13 @@ def test_resume_uses_the_thread_count_the_run_started_with(model_dir, tmp_path, 
     """GPTQ's float sums depend on torch's thread count; a resume continues with the saved count."""
     kwargs = dict(uniform=3, method="gptq", group_size=32, progress=False, calib=random_windows(6, 32))
     threads = torch.get_num_threads()
-    real_load = StreamedModel.load
-
-    def crash_at_2(self, index):
-        if self.quantizing and index == 2:
-            raise KeyboardInterrupt
-        return real_load(self, index)
-
     try:
         torch.set_num_threads(1)
         layerwise.compress(str(model_dir), out=str(tmp_path / "whole"), stream=True, **kwargs)
-        monkeypatch.setattr(StreamedModel, "load", crash_at_2)
+        interrupt_streaming_at(monkeypatch, 2)
         with pytest.raises(KeyboardInterrupt):
             layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), stream=True, **kwargs)
-        monkeypatch.setattr(StreamedModel, "load", real_load)
+        monkeypatch.undo()
         torch.set_num_threads(2)
         with pytest.warns(RuntimeWarning, match="resuming with 1 torch threads"):
             layerwise.compress(str(model_dir), out=str(tmp_path / "ckpt"), resume=True, **kwargs)

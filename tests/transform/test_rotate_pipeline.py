@@ -181,3 +181,65 @@ def test_rotation_with_a_method_without_hessian_warns_and_with_gptq_does_not(tie
     err = capsys.readouterr().err
     assert "layerwise: warning: rotation with --method rtn" in err
     assert "UserWarning" not in err  # one line, not the source line of the warning
+
+
+# --- rotate="auto", the default -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory):
+    """A tiny llama whose head is its own tensor (as Llama-3-8B's), saved with a tokenizer."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    assert not config.tie_word_embeddings
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("untied-llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def recipe_of(ckpt) -> dict:
+    return json.loads((ckpt / "layerwise.json").read_text())["recipe"]
+
+
+def test_the_default_is_gptaq_with_auto_rotation_which_rotates_an_untied_model(untied_model_dir, tmp_path):
+    result = layerwise.compress(str(untied_model_dir), uniform=4, group_size=32, out=str(tmp_path / "auto"),
+                                progress=False, **CALIB)
+    assert result.rotation is not None and result.rotation.r1 is not None and not result.rotation.untied_head
+    recipe = recipe_of(tmp_path / "auto")
+    assert recipe["method"] == "gptaq" and recipe["rotate"] == "hadamard"  # the choice, not "auto"
+    layerwise.compress(str(untied_model_dir), uniform=4, group_size=32, rotate="hadamard", method="gptaq",
+                       out=str(tmp_path / "explicit"), progress=False, **CALIB)
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == \
+        (tmp_path / "explicit" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["tied head", "rtn", "gpt2", "gemma3"])
+def test_auto_does_not_rotate_where_rotation_costs_storage_hurts_or_is_not_exact(case, tied_model_dir,
+                                                                                 untied_model_dir):
+    model, method = {"tied head": (str(tied_model_dir), "gptq"), "rtn": (str(untied_model_dir), "rtn"),
+                     "gpt2": (tiny_model("gpt2"), "gptq"), "gemma3": (tiny_model("gemma3"), "gptq")}[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently: nothing was asked for explicitly
+        result = layerwise.compress(model, uniform=4, method=method, group_size=16, progress=False,
+                                    calib=random_windows(8, 40, seed=5))
+    assert result.rotation is None and "rotate" not in result.recipe.to_dict()
+
+
+def test_auto_in_a_streamed_run_says_it_does_not_rotate_and_matches_no_rotation(untied_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="streaming cannot rotate yet, so this run does not"):
+        layerwise.compress(str(untied_model_dir), uniform=4, method="gptq", group_size=32, stream=True,
+                           out=str(tmp_path / "st"), progress=False, **CALIB)
+    assert "rotate" not in recipe_of(tmp_path / "st")
+    layerwise.compress(str(untied_model_dir), uniform=4, method="gptq", group_size=32, stream=False, rotate=None,
+                       out=str(tmp_path / "mem"), progress=False, **CALIB)
+    assert (tmp_path / "st" / "model.safetensors").read_bytes() == (tmp_path / "mem" / "model.safetensors").read_bytes()
+
+
+def test_cli_rotate_none_turns_the_default_rotation_off(untied_model_dir, tmp_path):
+    assert main(["--quiet", "compress", str(untied_model_dir), "--uniform", "4", "--group-size", "32",
+                 "--rotate", "none", *CALIB_FLAGS, "--out", str(tmp_path / "off")]) == 0
+    recipe = recipe_of(tmp_path / "off")
+    assert "rotate" not in recipe and recipe["method"] == "gptaq"
