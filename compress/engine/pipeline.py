@@ -150,8 +150,9 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
 def resolve_rotation(recipe: Recipe, source: Source) -> Recipe:
     """The recipe with ``rotate="auto"`` decided for the open model: R1 + R2 (``hadamard``) when every
     method the run quantizes with reads a Hessian (rotation was measured to hurt RTN, docs/rotation.md),
-    the model is in memory (a streamed run cannot rotate yet: it says so and goes on without) and the
-    architecture allows it (`layerwise.transform.auto_rotation`); otherwise no rotation."""
+    the architecture allows R1 and the head is not tied to the embedding (`layerwise.transform.auto_rotation`),
+    and the model is in memory (a streamed run cannot rotate yet: it says so and goes on without);
+    otherwise no rotation."""
     if recipe.rotate != AUTO:
         return recipe
     chosen = None

@@ -19,7 +19,8 @@ from layerwise.transform.hadamard import ROTATION_KINDS, OrthogonalSpec
 
 STAGES = ("r1", "r2")
 # A request resolved per run by `layerwise.engine.pipeline` once the model is open: ``hadamard`` when the
-# architecture allows R1, the quantizer reads a Hessian and the model is in memory; otherwise no rotation.
+# architecture allows R1, the head is not tied to the embedding, the quantizer reads a Hessian and the model
+# is in memory; otherwise no rotation.
 AUTO = "auto"
 ROTATION_FORMAT = "layerwise.rotation"
 ROTATION_VERSION = 1
