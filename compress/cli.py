@@ -24,6 +24,7 @@ from layerwise.engine.recipe import DEFAULT_METHOD
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.model.device import DTYPE_ALIASES, DTYPES
 from layerwise.output.export import EXPORT_FORMATS
+from layerwise.output.export_common import TARGETS
 from layerwise.planning.planners import ORDERS, LwqConfig
 from layerwise.planning.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
 from layerwise.transform import AUTO
@@ -259,6 +260,13 @@ def _add_export_parser(p: argparse.ArgumentParser) -> None:
                    help="hf: plain Hugging Face directory (pruned-only checkpoints); compressed-tensors: "
                         "pack-quantized with per-module bits (transformers, vLLM); quanto: optimum-quanto "
                         "qint2/qint4/qint8 (QuantizedModelForCausalLM)")
+    p.add_argument("--target", choices=list(TARGETS), default=None,
+                   help="also refuse what this engine cannot load (vllm: q/k/v and gate/up, which it fuses, must "
+                        "share one scheme); docs/export.md says which of its kernels runs which scheme")
+    p.add_argument("--three-bit-as-four", action="store_true",
+                   help="compressed-tensors: write 3-bit modules on the 4-bit grid (4 bits per weight, exact) for "
+                        "readers older than dense 3-bit packing (compressed-tensors < 0.18)")
+    p.add_argument("--verbose", action="store_true", help="on a refusal, list every module it concerns")
     _add_output(p, "--out", "directory to write")
 
 
@@ -454,7 +462,8 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
 def _run_export(args: argparse.Namespace, progress: bool) -> None:
     from layerwise.output.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
+    export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite,
+                      three_bit_as_four=args.three_bit_as_four, target=args.target)
     print(f"wrote {args.out} ({args.format})")
 
 
@@ -532,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
+        if getattr(args, "verbose", False) and exc.details:
+            print("\n".join(f"  {line}" for line in exc.details), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("layerwise: interrupted; nothing was written under the output name", file=sys.stderr)

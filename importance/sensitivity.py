@@ -51,9 +51,11 @@ from layerwise.quant import SharedInputHessians, dense_weights, quantize_modules
 from layerwise.quant.gptq import checked_hessians
 from layerwise.quant.registry import needs_hessian
 
-# 3- and 4-bit at group 256 as well as 128: at group 128 a 3-bit layer costs 3.27 bits on the default
-# model (partial last groups), so a 3.25 budget would force some layers down to 2 bits, which this model
-# does not survive; the 256 options let the planner stay at 3 bits (docs/RESULTS.md).
+# 3- and 4-bit at group 256 as well as 128. Groups are fitted to each module's input width (`QuantSpec.fit`):
+# on the default model both become 64 on the 576-wide q/k/v/o/gate/up and stay 128 / 256 on the 1536-wide
+# down_proj, so a 3-bit layer costs 3.26 bits at 3:128 and 3.24 at 3:256 (fp16 scales, 3-bit zero points).
+# The 256 options keep a 3.25 budget at 3 bits in every layer instead of forcing some to 2 bits, which this
+# model does not survive; on 4096-wide models they are the cheap 3.07- and 4.07-bit options (docs/RESULTS.md).
 DEFAULT_OPTIONS = "2:128,3:128,3:256,4:128,4:256,8:128"
 # 24 windows x 512 tokens: the Fisher pass and the per-option layer runs dominate the scorer's time and
 # scale with this. (The curve in docs/RESULTS.md was measured with 32; 24 was chosen to bring the default

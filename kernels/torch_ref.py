@@ -8,7 +8,8 @@ Math, per group of `group_size` input columns (the last group may be shorter)::
 
     w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g],   g = k // group_size
 
-with ``zero = 2**(bits-1)`` when symmetric (not stored). It is evaluated in float32: ``q - zero`` is a
+with ``zero = 2**(bits-1)`` when symmetric (not stored); asymmetric zeros arrive packed
+(`layerwise.core.bitstream.pack_zeros`: int32 (ceil(N*bits/32), G)). It is evaluated in float32: ``q - zero`` is a
 small integer and the scale a fp16 value, so the product is exact and only the final cast to `dtype`
 rounds.
 """
@@ -36,6 +37,7 @@ def dequantize(
     width = group_size if n_groups > 1 else in_features
     if not sym and zeros is None:
         raise ValueError("asymmetric dequantization needs zeros")
+    unpacked = None if sym else packing.unpack_zeros(zeros, bits, n_rows)  # type: ignore[arg-type]
     out = torch.empty(n_rows, in_features, dtype=dtype, device=qweight.device)
     # Rows are independent: a few at a time into `out`, so the temporaries stay small (same values).
     for rows in packing.row_chunks(n_rows, n_groups * width):
@@ -47,8 +49,8 @@ def dequantize(
         if sym:
             centred = grouped - float(2 ** (bits - 1))
         else:
-            assert zeros is not None
-            centred = grouped - zeros[rows].to(torch.float32).unsqueeze(-1)
+            assert unpacked is not None
+            centred = grouped - unpacked[rows].to(torch.float32).unsqueeze(-1)
         weight = centred * scales[rows].to(torch.float32).unsqueeze(-1)
         out[rows] = weight.view(m, n_groups * width)[:, :in_features]
     return out

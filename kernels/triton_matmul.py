@@ -2,16 +2,18 @@
 
 `triton_dequant_matmul` has the signature of `torch_ref.dequant_matmul` and computes the same thing, but
 reads the packed buffers a `QuantLinear` stores (no repacking, no dense weight in memory): 2, 3, 4 and
-8 bits, per-group fp16 scales and zeros (asymmetric) or the fixed zero ``2**(bits-1)`` (symmetric), a
-short last group, fp16 / bf16 / fp32 activations, float32 accumulation, output in x's dtype.
+8 bits, per-group fp16 scales and packed zero points (asymmetric) or the fixed zero ``2**(bits-1)``
+(symmetric), a short last group, fp16 / bf16 / fp32 activations, float32 accumulation, output in x's dtype.
 
 Layout read (`layerwise.core.bitstream`, format ``bitstream-v1``)
 ---------------------------------------------------------------
 ``qweight`` is int32 (N, ceil(K*bits/32)), one little-endian bit stream per output row: code ``k`` of
 row ``n`` occupies stream bits ``[k*bits, (k+1)*bits)``, stream bit ``i`` being bit ``i % 32`` of word
-``i // 32``. ``scales`` and ``zeros`` are fp16 (N, ceil(K/group_size)); code ``k`` uses group
-``k // group_size``, and the weight is ``(q - zero) * scale`` evaluated in float32 and rounded once to
-x's dtype, exactly as the reference does.
+``i // 32``. ``scales`` are fp16 (N, G), G = ceil(K/group_size); code ``k`` uses group
+``k // group_size``. ``zeros`` are int32 (ceil(N*bits/32), G): column g is a ``bitstream-v1`` stream of the
+N rows' zero points (`layerwise.core.bitstream.pack_zeros`, compressed-tensors' ``weight_zero_point``
+layout), read with the same extraction as the codes, one word row per 32 bits. The weight is
+``(q - zero) * scale`` evaluated in float32 and rounded once to x's dtype, exactly as the reference does.
 
 Code extraction (per element of a weight tile)::
 
@@ -150,8 +152,9 @@ def _check(
                         f"{(n, words_per_row(in_features, bits))}")
     if tuple(scales.shape) != (n, n_groups):
         problems.append(f"scales are {tuple(scales.shape)}, expected {(n, n_groups)}")
-    if not sym and (zeros is None or zeros.shape != scales.shape):
-        problems.append(f"asymmetric needs zeros of shape {(n, n_groups)}")
+    zero_shape = (words_per_row(n, bits), n_groups)
+    if not sym and (zeros is None or zeros.dtype != torch.int32 or tuple(zeros.shape) != zero_shape):
+        problems.append(f"asymmetric needs packed int32 zeros of shape {zero_shape}")
     if bias is not None and tuple(bias.shape) != (n,):
         problems.append(f"bias is {tuple(bias.shape)}, expected {(n,)}")
     tensors = [t for t in (qweight, scales, zeros, bias) if t is not None]

@@ -16,6 +16,29 @@ import triton.language as tl
 
 
 @triton.jit
+def read_codes(ptr, index, word_stride, mask, BITS: tl.constexpr):
+    """Codes number `index` of ``bitstream-v1`` streams whose consecutive words lie `word_stride` apart.
+
+    Code i sits at stream bit i*BITS: word (i*BITS) >> 5, from bit `shift` upwards. The weight codes are
+    streams along a row (`word_stride` 1); packed zero points are streams down a group's column
+    (`word_stride` = the number of groups). Masked lanes read 0.
+    """
+    bit = index * BITS
+    shift = (bit & 31).to(tl.uint32)
+    word_ptr = ptr + (bit >> 5) * word_stride
+    # uint32 so that >> is a logical shift: the words are bit containers, bit 31 is not a sign.
+    codes = tl.load(word_ptr, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift
+    if 32 % BITS != 0:
+        # 3 bits: a code with shift > 32-BITS straddles; its high bits are the low bits of the next word.
+        # The next word is read only where it is needed (it always exists there: every stream is padded
+        # to whole words). `(32 - shift) & 31` keeps the shift amount legal in lanes that read 0 anyway.
+        straddles = shift > 32 - BITS
+        high = tl.load(word_ptr + word_stride, mask=mask & straddles, other=0).to(tl.uint32, bitcast=True)
+        codes = codes | (high << ((32 - shift) & 31))
+    return codes & ((1 << BITS) - 1)
+
+
+@triton.jit
 def dequant_tile_t(
     q_ptr, s_ptr, z_ptr, k0, offs_n, K, N, stride_qn, stride_sn, group_size,
     BLOCK_K: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
@@ -25,37 +48,25 @@ def dequant_tile_t(
 
     Transposed because ``tl.dot(x_tile, w_tile)`` wants K first. Columns past K and rows past N read as 0.
     The value is computed in float32 and rounded once to `W_DTYPE` (the activations' dtype), which is
-    exactly the weight `torch_ref.dequantize(..., dtype=x.dtype)` produces.
+    exactly the weight `torch_ref.dequantize(..., dtype=x.dtype)` produces. The packed zero points
+    (ceil(N*BITS/32), G) have as many columns as the scales (N, G), so both use row stride `stride_sn`.
     """
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask = (offs_k < K)[:, None] & mask_n[None, :]
-    # Code k sits at stream bit k*BITS: word (k*BITS) >> 5, bits from `shift` upwards.
-    bit = offs_k * BITS
-    shift = (bit & 31)[:, None].to(tl.uint32)
-    word_ptr = q_ptr + offs_n[None, :] * stride_qn + (bit >> 5)[:, None]
-    # uint32 so that >> is a logical shift: the words are bit containers, bit 31 is not a sign.
-    codes = tl.load(word_ptr, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift
-    if 32 % BITS != 0:
-        # 3 bits: a code with shift > 32-BITS straddles; its high bits are the low bits of the next word.
-        # The next word is read only where it is needed (it always exists there: the row stream is padded
-        # to whole words). `(32 - shift) & 31` keeps the shift amount legal in lanes that read 0 anyway.
-        straddles = shift > 32 - BITS
-        high = tl.load(word_ptr + 1, mask=mask & straddles, other=0).to(tl.uint32, bitcast=True)
-        codes = codes | (high << ((32 - shift) & 31))
-    codes = codes & ((1 << BITS) - 1)
+    codes = read_codes(q_ptr + offs_n[None, :] * stride_qn, offs_k[:, None], 1, mask, BITS)
     if GROUP_PER_TILE:
         # The tile lies inside one group (BLOCK_K divides group_size): one scale / zero per row.
-        group_off = offs_n[None, :] * stride_sn + k0 // group_size
+        group = k0 // group_size
         group_mask = mask_n[None, :]
     else:
-        group_off = offs_n[None, :] * stride_sn + (offs_k // group_size)[:, None]
+        group = (offs_k // group_size)[:, None]
         group_mask = mask
-    scale = tl.load(s_ptr + group_off, mask=group_mask, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + offs_n[None, :] * stride_sn + group, mask=group_mask, other=0.0).to(tl.float32)
     if SYM:
         zero = float(2 ** (BITS - 1))
     else:
-        zero = tl.load(z_ptr + group_off, mask=group_mask, other=0.0).to(tl.float32)
+        zero = read_codes(z_ptr + group, offs_n[None, :], stride_sn, group_mask, BITS).to(tl.float32)
     return ((codes.to(tl.float32) - zero) * scale).to(W_DTYPE)
 
 

@@ -42,9 +42,11 @@ def quantize_module(module: nn.Module, spec: QuantSpec,
     """A `QuantLinear` computing the same function as `module`, up to quantization error.
 
     The method is looked up by ``spec.method`` in `QUANTIZERS`; `hessian` is passed through to it. The
-    bias, if any, is copied unquantized in its original dtype.
+    group size is the one that fits the module's input width (`QuantSpec.fit`), which is what the
+    returned module's spec says. The bias, if any, is copied unquantized in its original dtype.
     """
     weight = _check_linear(module)
+    spec = spec.fit(weight.shape[1])
     return _wrap(module, weight, QUANTIZERS.get(spec.method)().quantize(weight, spec, hessian), spec.method)
 
 
@@ -56,11 +58,21 @@ def quantize_modules(
     Jobs whose method can quantize several weights in one pass (its quantizer's `shares_hessian`, GPTQ)
     and that use the same Hessian object run together: on a llama layer that is one
     sweep for q/k/v and one for gate/up, and in the sensitivity scorer one sweep for all candidate
-    options of those modules.
+    options of those modules. Specs are fitted to each module's width first (`QuantSpec.fit`), and jobs
+    that then coincide (options 3:128 and 3:256 both become group 64 on a 576-wide module) are quantized
+    once and share the result.
     """
+    jobs = [(module, spec.fit(_check_linear(module).shape[1]), hessian) for module, spec, hessian in jobs]
     results: list[QuantLinear | None] = [None] * len(jobs)
     batches: dict[tuple[str, int], list[int]] = {}
+    first: dict[tuple[int, QuantSpec, int], int] = {}
+    repeats: dict[int, int] = {}
     for index, (module, spec, hessian) in enumerate(jobs):
+        key = (id(module), spec, id(hessian))
+        if key in first:
+            repeats[index] = first[key]
+            continue
+        first[key] = index
         if not QUANTIZERS.get(spec.method).shares_hessian or hessian is None:
             results[index] = quantize_module(module, spec, hessian)
         else:
@@ -71,6 +83,8 @@ def quantize_modules(
         quantized = QUANTIZERS.get(method)().quantize_shared(weights, [jobs[i][1] for i in indices], hessian)
         for i, weight, qw in zip(indices, weights, quantized, strict=True):
             results[i] = _wrap(jobs[i][0], weight, qw, method)
+    for index, original in repeats.items():
+        results[index] = results[original]
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 

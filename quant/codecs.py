@@ -1,7 +1,7 @@
 """Storage formats ("codecs"): which buffers a quantized weight keeps and how they turn back into weights.
 
 Most methods (RTN, GPTQ) differ only in how they *choose* codes, so they share one format, the
-``bitstream-v1`` packing with fp16 group scales and zeros. A method whose storage is different (the
+``bitstream-v1`` packing with fp16 group scales and bit-packed zero points. A method whose storage is different (the
 bitsandbytes NF4 and int8 formats) registers a `Codec` under its method name in `CODECS`; every other
 method gets `BITSTREAM`. `QuantizedWeight` and `QuantLinear` ask `codec_for(spec.method)` for buffer
 shapes and for the dequantization, so neither needs an ``if method == ...`` branch, and checkpoint
@@ -69,16 +69,18 @@ class Codec(ABC):
 
 
 class BitstreamCodec(Codec):
-    """``bitstream-v1`` codes with fp16 per-group scales (and zeros unless symmetric): RTN, GPTQ, ..."""
+    """``bitstream-v1`` codes, fp16 per-group scales and (unless symmetric) `bits`-bit zero points packed down
+    each group's column (`layerwise.core.bitstream.pack_zeros`): RTN, GPTQ, GPTAQ."""
 
     format = PackFormat.BITSTREAM
 
     def layout(self, out_features: int, in_features: int, spec: QuantSpec) -> dict[str, BufferLayout | None]:
-        groups = BufferLayout((out_features, spec.n_groups(in_features)), torch.float16)
+        n_groups = spec.n_groups(in_features)
+        zeros = BufferLayout((words_per_row(out_features, spec.bits), n_groups), torch.int32)
         return {
             "qweight": BufferLayout((out_features, words_per_row(in_features, spec.bits)), torch.int32),
-            "scales": groups,
-            "zeros": None if spec.sym else groups,
+            "scales": BufferLayout((out_features, n_groups), torch.float16),
+            "zeros": None if spec.sym else zeros,
         }
 
     def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:

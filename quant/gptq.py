@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from layerwise.core.bitstream import PackFormat, pack, row_chunks
+from layerwise.core.bitstream import PackFormat, pack, pack_zeros, row_chunks
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.quant.grid import grid_params, grouped_params
@@ -395,7 +395,7 @@ def sweep_factored(
         QuantizedWeight(
             qweight=pack(_unpermuted(processed_codes[part], factor.perm), spec.bits),
             scales=scale.to(torch.float16),
-            zeros=None if spec.sym else zero.to(torch.float16),
+            zeros=None if spec.sym else pack_zeros(zero, spec.bits),
             spec=spec,
             out_features=weight.shape[0],
             in_features=weight.shape[1],

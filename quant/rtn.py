@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from layerwise.core.bitstream import PackFormat, pack, row_chunks
+from layerwise.core.bitstream import PackFormat, pack, pack_zeros, row_chunks
 from layerwise.core.types import QuantSpec
 from layerwise.quant.grid import group_params, grouped_params, quantize_codes
 from layerwise.quant.quantized import QuantizedWeight, check_weight
@@ -47,7 +47,7 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     return QuantizedWeight(
         qweight=pack(codes, spec.bits),
         scales=scale.to(torch.float16),
-        zeros=None if spec.sym else zero.to(torch.float16),
+        zeros=None if spec.sym else pack_zeros(zero, spec.bits),
         spec=spec,
         out_features=out_features,
         in_features=in_features,

@@ -4,7 +4,12 @@
 model.safetensors and of its plan (as JSON with sorted keys) in tests/data/reference_checkpoints.json;
 tests/pipeline/test_reference_checkpoints.py compresses the same cases and compares. The hashes were
 first written by the code before the one-pipeline redesign (issue 13), so a test failure means the
-restructured pipeline changed what a user gets for the same arguments.
+restructured pipeline changed what a user gets for the same arguments. Checkpoint format 2 (issue 15:
+zero points packed at the code width, group sizes fitted to the input widths) rewrote them on purpose:
+before that, the dequantized weights of every case were hashed with the old code and again with the
+new, and they were the same wherever the plan was the same. The cheaper zero points changed the plans of
+the budgeted cases (lim-lwq-rtn-stream, sensitivity-optimal-gptq-mem, prune-sensitivity-gptq-mem give
+some layers more bits at the same budget), and only those cases' weights changed.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ For 2, 4 and 8 bits no code straddles a word (``32/bits`` codes per word, code `
 ``(k % (32/bits)) * bits`` of word ``k // (32/bits)``). For 3 bits codes do straddle word boundaries:
 32 codes fill exactly 3 words, and codes 10 and 21 of each such block are split across two words.
 
+Asymmetric zero points are packed the same way along the other axis (`pack_zeros`): the zeros of one
+group, read down the N rows, form one stream, so an (N, G) table becomes int32 (ceil(N*bits/32), G).
+
 Why one bitstream for all widths: the storage cost is exactly ``bits`` per code (plus row padding), which
 is what `QuantSpec.storage_bits` budgets, and a single layout keeps every reader -- the torch reference
 path here and the GPU kernels in ``layerwise.kernels`` -- in agreement. Rows are independent so a kernel
@@ -111,6 +114,26 @@ def row_chunks(n_rows: int, row_length: int) -> list[slice]:
     """
     step = max(1, CHUNK_ELEMENTS // max(row_length, 1))
     return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)] or [slice(0, 0)]
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zero points (N, G) in ``[0, 2**bits)`` packed down each column: int32 (ceil(N*bits/32), G).
+
+    Column g is one ``bitstream-v1`` stream of the N rows' zeros, the layout compressed-tensors uses for
+    ``weight_zero_point``. Float tensors holding integers (what a grid computes) are accepted; any other
+    value is refused, since rounding it here would change the weight silently.
+    """
+    if zeros.dtype.is_floating_point:
+        rounded = zeros.round()
+        if not torch.equal(rounded, zeros):
+            raise LayerwiseError("zero points must be integers to be packed; the grid produced fractional ones")
+        zeros = rounded.to(torch.int64)
+    return pack(zeros.T.contiguous(), bits).T.contiguous()
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int, n_rows: int) -> torch.Tensor:
+    """Inverse of `pack_zeros`: the (n_rows, G) zero points as uint8."""
+    return unpack(packed.T.contiguous(), bits, n_rows).T.contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

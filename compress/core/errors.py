@@ -18,7 +18,15 @@ WRITE_ERRNOS = {
 
 
 class LayerwiseError(Exception):
-    """Bad input or an impossible request. The CLI prints the message alone and exits non-zero."""
+    """Bad input or an impossible request. The CLI prints the message alone and exits non-zero.
+
+    `details` are lines too long for that one message (every module a refusal concerns, say); the CLI prints
+    them under it with ``--verbose``.
+    """
+
+    def __init__(self, message: str, *, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = list(details or [])
 
 
 def write_error(target: os.PathLike | str, exc: BaseException) -> LayerwiseError | None:

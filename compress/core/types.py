@@ -43,9 +43,10 @@ LinearShapes = dict[str, tuple[int, int]]
 class QuantSpec:
     """How to quantize one linear: `bits`-bit codes in groups of `group_size` input columns.
 
-    Asymmetric (default): w ~ (q - zero) * scale with a fp16 scale and a fp16 zero per group.
-    Symmetric: the zero is fixed at 2**(bits-1) and not stored. A last group shorter than
-    `group_size` (in_features not a multiple of it) gets its own scale and zero.
+    Asymmetric (default): w ~ (q - zero) * scale with a fp16 scale and a `bits`-bit integer zero per
+    group. Symmetric: the zero is fixed at 2**(bits-1) and not stored. A module is quantized with
+    `fit(in_features)`, whose group size divides its width; the spec as written may still leave a last,
+    shorter group (checkpoints of format version 1 have them), which then gets its own scale and zero.
 
     The bitsandbytes methods are absmax formats with no zero, so `sym` does not apply to them:
     ``nf4`` needs bits 4 and takes `group_size` as the bnb block size (one of `NF4_BLOCKSIZES`);
@@ -95,11 +96,23 @@ class QuantSpec:
     def n_groups(self, in_features: int) -> int:
         return math.ceil(in_features / self.group_size)
 
+    def fit(self, in_features: int) -> QuantSpec:
+        """This spec with the group size a module of `in_features` inputs really gets (`fitted_group_size`).
+
+        Serving formats (compressed-tensors, GGUF) and their kernels need groups that tile the row, so
+        every module is quantized with a group size that divides its input width. The bitsandbytes
+        methods keep theirs: nf4 blocks run over the flattened weight and int8 scales whole rows.
+        """
+        if self.method in BNB_BITS:
+            return self
+        return replace(self, group_size=fitted_group_size(self.group_size, in_features))
+
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits one (out_features x in_features) weight takes when packed, overhead included.
 
         RTN / GPTQ: codes are a per-row bitstream padded to whole 32-bit words; each group adds a fp16
-        scale and, when asymmetric, a fp16 zero.
+        scale and, when asymmetric, a `bits`-bit zero point, packed densely down each group's column
+        (`layerwise.core.bitstream.pack_zeros`: ceil(out_features * bits / 32) words per group).
         nf4: 4 bits per weight (two codes a byte over the flattened weight, so an odd count pads half a
         byte) plus one fp32 absmax per block of `group_size` consecutive weights of the flattened
         (row-major) matrix -- bitsandbytes' blocks run across row ends. No double quantization.
@@ -111,8 +124,9 @@ class QuantSpec:
         if self.method == "int8":
             return out_features * (8 * in_features + BNB_SCALE_BITS)
         words_per_row = math.ceil(in_features * self.bits / 32)
-        per_group = SCALE_BITS * (1 if self.sym else 2)
-        return out_features * (words_per_row * 32 + self.n_groups(in_features) * per_group)
+        zero_words = 0 if self.sym else math.ceil(out_features * self.bits / 32)
+        groups = self.n_groups(in_features)
+        return out_features * (words_per_row * 32 + groups * SCALE_BITS) + zero_words * 32 * groups
 
     def label(self) -> str:
         grid = "" if self.grid == DEFAULT_GRID else f"-{self.grid}"
@@ -145,6 +159,26 @@ class QuantSpec:
         if len(parts) > 4 or (len(parts) > 3 and parts[3] not in ("sym", "asym")):
             raise LayerwiseError(f"cannot read option {text!r}; the fourth field may only be sym or asym")
         return cls(bits, group_size, method, sym)
+
+
+# Group sizes tried, largest first, when an option's group does not divide a module's input width: powers
+# of two, which every serving kernel takes (vLLM's Marlin: 32/64/128; llama.cpp's legacy blocks: 32).
+_FALLBACK_GROUPS = (512, 256, 128, 64, 32)
+
+
+def fitted_group_size(group_size: int, in_features: int) -> int:
+    """The group size a module of `in_features` inputs is quantized with when `group_size` is asked for.
+
+    `group_size` itself when it divides the width or covers the whole row (one group per row); else the
+    largest of 512/256/128/64/32 below it that divides the width ("128 -> 64 for 576-wide inputs"); else
+    one group per row (per-channel). No group is ever shorter than the others, so every format can hold it.
+    """
+    if group_size >= in_features or in_features % group_size == 0:
+        return group_size
+    for candidate in _FALLBACK_GROUPS:
+        if candidate < group_size and in_features % candidate == 0:
+            return candidate
+    return in_features
 
 
 def check_grid(grid: object) -> None:

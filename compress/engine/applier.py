@@ -11,7 +11,7 @@ from torch import nn
 
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, LayerOutcome, Plan, QuantSpec, check_grid
-from layerwise.model.adapter import decoder_layers, linear_modules, linear_weight, set_submodule
+from layerwise.model.adapter import decoder_layers, linear_modules, linear_shape, linear_weight, set_submodule
 from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_layers
 from layerwise.model.placement import Placement, oom_as_error
 from layerwise.quant import (
@@ -220,7 +220,8 @@ def apply_plan(
         with oom_as_error("quantizing", step.index, placement):
             action = plan.layers[step.index]
             modules = linear_modules(step.layer)
-            specs = {name: action.module_spec(name, default_method=method, default_grid=grid) for name in modules}
+            specs = {name: _fitted(action.module_spec(name, default_method=method, default_grid=grid), module)
+                     for name, module in modules.items()}
             calibrating = {n: m for n, m in modules.items() if needs_hessian(specs[n])}
             if referenced:
                 cross = {n for n in calibrating if needs_reference_inputs(specs[n])}
@@ -244,6 +245,11 @@ def apply_plan(
             on_layer(step, outcome)
         outcomes.append(outcome)
     return outcomes
+
+
+def _fitted(spec: QuantSpec | None, module: nn.Module) -> QuantSpec | None:
+    """The spec with the group size the module really gets (`QuantSpec.fit`), so the outcome records it."""
+    return None if spec is None else spec.fit(linear_shape(module)[1])
 
 
 def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict[str, QuantSpec | None],

@@ -71,7 +71,7 @@ from layerwise.model.shards import BadWeights, PendingTensor, SafetensorsSource,
 from layerwise.output.checkpoint import unique_state_dict
 
 PARTIAL_FORMAT = "layerwise.partial"
-PARTIAL_VERSION = 1
+PARTIAL_VERSION = 2  # 2: fitted group sizes and packed zero points (checkpoint format version 2)
 RUN_FILE = "run.json"
 SCORES_FILE = "scores.json"
 PLAN_FILE = "plan.json"

@@ -26,13 +26,18 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import layerwise
+from layerwise.core.bitstream import pack_zeros
 from layerwise.core.errors import LayerwiseError, write_error
 from layerwise.core.types import Plan
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_shape, set_submodule
 from layerwise.quant import QuantLinear
 
 FORMAT = "layerwise.checkpoint"
-FORMAT_VERSION = 1
+# Version 2: every module's group size divides its input width (`QuantSpec.fit`) and asymmetric zero points
+# are packed at the code width (`bitstream.pack_zeros`). Version 1 (ragged last groups, fp16 zeros) still
+# loads: its specs are taken as written and its zeros are packed on the way in, which changes no weight.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "layerwise.json"
 WEIGHTS_FILE = "model.safetensors"
 _TMP_PREFIX = ".{name}.tmp-"  # + the writing process's pid
@@ -210,10 +215,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise LayerwiseError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object; the checkpoint is "
                              "damaged, rewrite it")
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
         raise LayerwiseError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is unknown; "
-            f"this layerwise reads {FORMAT} version {FORMAT_VERSION} (upgrade layerwise or rewrite the checkpoint)"
+            f"this layerwise reads {FORMAT} versions {' and '.join(map(str, READABLE_VERSIONS))} (upgrade layerwise "
+            "or rewrite the checkpoint)"
         )
     return meta
 
@@ -248,10 +254,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             if spec is None:
                 continue
             out_f, in_f = linear_shape(module)
+            if meta["format_version"] >= 2:
+                spec = spec.fit(in_f)
             has_bias = getattr(module, "bias", None) is not None
             set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec, bias=has_bias, dtype=dtype))
     _tie(model, compacted)
     state = _read_weights(path / WEIGHTS_FILE)
+    if meta["format_version"] == 1:
+        _pack_v1_zeros(model, state)
     _validate_state(model, state, path / WEIGHTS_FILE)
     model.load_state_dict(state, strict=False, assign=True)
     _tie(model, compacted)  # assign=True gave the representatives new tensors: share them again
@@ -302,6 +312,15 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(file)
     except (safetensors.SafetensorError, OSError, ValueError) as exc:
         raise LayerwiseError(f"{file} cannot be read ({exc}); the file is damaged, rewrite the checkpoint") from None
+
+
+def _pack_v1_zeros(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Version 1 kept asymmetric zero points as fp16 (N, G) integers; pack them as version 2 stores them."""
+    for name, module in model.named_modules():
+        key = f"{name}.zeros"
+        if isinstance(module, QuantLinear) and module.zeros is not None and key in state:
+            if state[key].dtype == torch.float16 and state[key].dim() == 2:
+                state[key] = pack_zeros(state[key], module.bits)
 
 
 def _validate_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:

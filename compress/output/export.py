@@ -23,7 +23,16 @@ import layerwise.output.export_quanto  # noqa: F401
 from layerwise.core.types import Plan
 from layerwise.model.loading import quiet_transformers
 from layerwise.output.checkpoint import Checkpoint, atomic_dir, check_output_dir, load_checkpoint, read_meta
-from layerwise.output.export_common import EXPORTERS, Exporter, refuse, structure_blockers
+from layerwise.output.export_common import (
+    EXPORTERS,
+    Exporter,
+    ExportSettings,
+    Problem,
+    check_target,
+    describe_layers,
+    refuse,
+    structure_blockers,
+)
 from layerwise.output.paths import check_not_inside
 
 
@@ -33,11 +42,13 @@ class HfExporter(Exporter):
     advice = ("Plain transformers represents pruned layers only; load this checkpoint with layerwise.load, "
               "or export quantized checkpoints with --format compressed-tensors or quanto")
 
-    def blockers(self, plan: Plan) -> list[str]:
-        quantized = [a.layer for a in plan.layers if a.action == "quantize" or a.overrides]
-        return ([f"layers {quantized} are quantized"] if quantized else []) + structure_blockers(plan)
+    def blockers(self, plan: Plan) -> list[Problem]:
+        quantized = tuple(a.layer for a in plan.layers if a.action == "quantize" or a.overrides)
+        verb = "is" if len(quantized) == 1 else "are"
+        problems = [Problem(f"{describe_layers(quantized)} {verb} quantized", self.advice)] if quantized else []
+        return problems + structure_blockers(plan)
 
-    def write(self, ckpt: Checkpoint, out: Path) -> None:
+    def write(self, ckpt: Checkpoint, out: Path, settings: ExportSettings) -> None:
         with quiet_transformers():
             ckpt.model.save_pretrained(out)
             if ckpt.tokenizer is not None:
@@ -48,29 +59,27 @@ EXPORTERS.register(HfExporter.name)(HfExporter())
 EXPORT_FORMATS = ("hf", "compressed-tensors", "quanto")
 
 
-def hf_blockers(plan: Plan) -> list[str]:
-    """Why a plan's model cannot be written as a plain HF checkpoint (empty: it can)."""
-    return EXPORTERS.get("hf").blockers(plan)
-
-
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", *,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, three_bit_as_four: bool = False, target: str | None = None) -> Path:
     """Write checkpoint `path` in format `fmt` to directory `out`, atomically.
 
     Refuses, before writing anything, what `fmt` cannot hold exactly: first from layerwise.json (ties,
-    dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express).
+    dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express), then
+    what `target` (``vllm``) cannot run. `three_bit_as_four` writes 3-bit modules of a compressed-tensors
+    export on the 4-bit grid, for readers that predate its dense 3-bit packing.
     """
     check_not_inside(out, [path], "checkpoint")
     exporter = EXPORTERS.get(fmt)
+    settings = ExportSettings(three_bit_as_four=three_bit_as_four, target=check_target(target))
     plan = Plan.from_dict(read_meta(path)["plan"])
     blockers = exporter.blockers(plan)
     if blockers:
         raise refuse(path, exporter, blockers)
     out = check_output_dir(out, overwrite)
     ckpt = load_checkpoint(path)
-    problems = exporter.check(ckpt)
+    problems = exporter.check(ckpt, settings)
     if problems:
         raise refuse(path, exporter, problems)
     with atomic_dir(out) as tmp:
-        exporter.write(ckpt, tmp)
+        exporter.write(ckpt, tmp, settings)
     return out

@@ -11,7 +11,9 @@ loading, the atomic rename).
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from layerwise.core.bitstream import unpack
+from layerwise.core.bitstream import unpack, unpack_zeros
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.registry import Registry
 from layerwise.core.types import BNB_BITS, Plan, QuantSpec
@@ -71,7 +73,7 @@ def exported_weight(name: str, module: QuantLinear) -> ExportedWeight:
         zeros = torch.full(tuple(module.scales.shape), 2 ** (spec.bits - 1), dtype=torch.int64)
     else:
         assert module.zeros is not None
-        zeros = module.zeros.to(torch.int64)  # integers in [0, 2**bits) stored as fp16: exact
+        zeros = unpack_zeros(module.zeros, spec.bits, module.out_features).to(torch.int64)
     return ExportedWeight(name, spec, codes, module.scales.to(torch.float32), zeros,
                           None if module.bias is None else module.bias.detach())
 
@@ -92,19 +94,23 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return unique_state_dict(model, exclude=quantized)
 
 
-def structure_blockers(plan: Plan) -> list[str]:
+_RECOMPRESS = "Load it with layerwise.load, or compress again without ties and sub-layer drops."
+
+
+def structure_blockers(plan: Plan) -> list[Problem]:
     """Tied layers and dropped sub-layers: no loader but layerwise rebuilds them."""
-    reasons = []
-    tied = [a.layer for a in plan.layers if a.action == "tie"]
-    dropped = [a.layer for a in plan.layers if a.drop]
+    problems = []
+    tied = tuple(a.layer for a in plan.layers if a.action == "tie")
+    dropped = tuple(a.layer for a in plan.layers if a.drop)
     if tied:
-        reasons.append(f"layers {tied} are tied to other layers (shared weights)")
+        problems.append(Problem(f"{describe_layers(tied)} {_are(tied)} tied to other layers (shared weights)",
+                                _RECOMPRESS))
     if dropped:
-        reasons.append(f"layers {dropped} have dropped sub-layers")
-    return reasons
+        problems.append(Problem(f"{describe_layers(dropped)} {_have(dropped)} dropped sub-layers", _RECOMPRESS))
+    return problems
 
 
-def bnb_blockers(plan: Plan) -> list[str]:
+def bnb_blockers(plan: Plan) -> list[Problem]:
     """Modules quantized with a bitsandbytes method (nf4, int8): their codebooks and absmax scales are not
     an integer grid with a scale and zero point, so no grid format holds them exactly."""
     found = []
@@ -114,19 +120,23 @@ def bnb_blockers(plan: Plan) -> list[str]:
         methods = sorted({s.method for s in specs if s is not None and s.method in BNB_BITS})
         if methods:
             found.append(f"layer {action.layer} ({', '.join(methods)})")
-    return [f"{', '.join(found)} use bitsandbytes formats"] if found else []
+    if not found:
+        return []
+    return [Problem(f"{', '.join(found)} use bitsandbytes formats, which are not an integer grid",
+                    "Compress again with method rtn, gptq or gptaq.")]
 
 
-def non_linear_reasons(ckpt: Checkpoint, weights: list[ExportedWeight]) -> list[str]:
+def non_linear_reasons(ckpt: Checkpoint, weights: list[ExportedWeight]) -> list[Problem]:
     """Why some quantized modules cannot be exported: those that are not `nn.Linear` in the architecture as
     transformers builds it (GPT-2's Conv1D, for instance), since loaders only quantize nn.Linear modules."""
     with init_empty_weights():
         fresh = AutoModelForCausalLM.from_config(ckpt.model.config)
     modules = dict(fresh.named_modules())
-    not_linear = [w.name for w in weights if not isinstance(modules.get(w.name), nn.Linear)]
+    not_linear = tuple(w.name for w in weights if not isinstance(modules.get(w.name), nn.Linear))
     if not not_linear:
         return []
-    return [f"modules {not_linear} are not nn.Linear in transformers, and only Linear is quantized"]
+    return [Problem("not nn.Linear in transformers, and loaders quantize only nn.Linear modules",
+                    "Load it with layerwise.load: this architecture's quantized modules have no export.", not_linear)]
 
 
 def write_model_files(ckpt: Checkpoint, out: Path, tensors: dict[str, torch.Tensor],
@@ -147,6 +157,26 @@ def write_model_files(ckpt: Checkpoint, out: Path, tensors: dict[str, torch.Tens
         (out / file).write_text(json.dumps(content, indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """How to export: `three_bit_as_four` writes 3-bit modules on the 4-bit grid (compressed-tensors, for
+    readers older than its dense packing); `target` names the engine whose rules the export must meet
+    (``vllm``), None for the format's own rules only."""
+
+    three_bit_as_four: bool = False
+    target: str | None = None
+
+
+TARGETS = ("vllm",)
+
+
+def check_target(target: str | None) -> str | None:
+    """Refuse a serving target layerwise does not know, naming the ones it does."""
+    if target is not None and target not in TARGETS:
+        raise LayerwiseError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return target
+
+
 class Exporter(ABC):
     """One output format: what it refuses and how it writes."""
 
@@ -154,23 +184,87 @@ class Exporter(ABC):
     title: str  # for messages: "a plain Hugging Face model", ...
     advice: str  # what the user can do instead when it refuses
 
-    def blockers(self, plan: Plan) -> list[str]:
+    def blockers(self, plan: Plan) -> list[Problem]:
         """Why the plan's model cannot be written in this format (empty: it can)."""
         return structure_blockers(plan) + bnb_blockers(plan)
 
-    def check(self, ckpt: Checkpoint) -> list[str]:
-        """Modules of the loaded model this format cannot hold exactly (empty: all fit)."""
+    def check(self, ckpt: Checkpoint, settings: ExportSettings) -> list[Problem]:
+        """Modules of the loaded model this format (and `settings.target`) cannot hold exactly (empty: all fit)."""
         return []
 
     @abstractmethod
-    def write(self, ckpt: Checkpoint, out: Path) -> None:
+    def write(self, ckpt: Checkpoint, out: Path, settings: ExportSettings) -> None:
         """Write the exported model into the empty directory `out`."""
 
 
 EXPORTERS: Registry[Exporter] = Registry("export format")
 
 
-def refuse(path: Path | str, exporter: Exporter, reasons: list[str]) -> LayerwiseError:
+@dataclass(frozen=True)
+class Problem:
+    """Why some modules cannot be exported: the reason, the fix that works, and the modules (full names)."""
+
+    reason: str
+    fix: str
+    modules: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        where = f"{describe_modules(self.modules)}: " if self.modules else ""
+        return f"{where}{self.reason}"
+
+
+def describe_modules(names: tuple[str, ...] | list[str]) -> str:
+    """Module names in a few words: ``q_proj, k_proj of layers 0-29`` rather than 60 full names.
+
+    Names inside decoder layers (``model.layers.<i>.<path>``) are grouped by the layers they occur in; others
+    are listed as they are.
+    """
+    layers_of: dict[str, list[int]] = defaultdict(list)
+    others = []
+    for name in names:
+        found = _LAYER_NAME.match(name)
+        if found:
+            layers_of[found.group(2)].append(int(found.group(1)))
+        else:
+            others.append(name)
+    # A module by its last name (q_proj) unless two paths in the layer share it (GPT-2's attn.c_proj, mlp.c_proj).
+    leaves = [path.rsplit(".", 1)[-1] for path in layers_of]
+    by_layers: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for (path, layers), leaf in zip(layers_of.items(), leaves, strict=True):
+        by_layers[tuple(sorted(set(layers)))].append(leaf if leaves.count(leaf) == 1 else path)
+    parts = [f"{', '.join(leaves)} of {describe_layers(layers)}" for layers, leaves in by_layers.items()]
+    return "; ".join(parts + others)
+
+
+# The first numeric component is the decoder layer: model.layers.3.self_attn.q_proj, transformer.h.3.attn.c_attn.
+_LAYER_NAME = re.compile(r"^(?:.*?\.)?(\d+)\.(.+)$")
+
+
+def _are(items: tuple[int, ...]) -> str:
+    return "is" if len(items) == 1 else "are"
+
+
+def _have(items: tuple[int, ...]) -> str:
+    return "has" if len(items) == 1 else "have"
+
+
+def describe_layers(layers: tuple[int, ...]) -> str:
+    """``layer 3``, ``layers 0-29``, ``layers 0-3, 7, 9-11``."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"layer{'s' if len(layers) > 1 else ''} {text}"
+
+
+def refuse(path: Path | str, exporter: Exporter, problems: list[Problem]) -> LayerwiseError:
+    """One line: what cannot be exported, summarised, and the fixes; every module name in `details`."""
+    fixes = list(dict.fromkeys(p.fix for p in problems if p.fix))
+    details = [f"{name}: {p.reason}" for p in problems for name in p.modules]
+    more = " (--verbose lists every module)" if details else ""
     return LayerwiseError(
-        f"checkpoint {path} cannot be exported as {exporter.title}: {'; '.join(reasons)}. {exporter.advice}"
-    )
+        f"checkpoint {path} cannot be exported as {exporter.title}: {'; '.join(p.summary() for p in problems)}. "
+        f"{' '.join(fixes) or exporter.advice}{more}", details=details)

@@ -38,6 +38,8 @@ from layerwise.output.export_common import (
     EXPORTERS,
     ExportedWeight,
     Exporter,
+    ExportSettings,
+    Problem,
     dense_state,
     model_dtype,
     non_linear_reasons,
@@ -59,18 +61,30 @@ def quanto_group_size(in_features: int) -> int | None:
     return group_size if in_features % group_size == 0 else None
 
 
-def unfit_reason(w: ExportedWeight) -> str | None:
-    """Why quanto cannot hold `w` exactly (None: it can)."""
+def unfit_reason(w: ExportedWeight) -> tuple[str, str] | None:
+    """Why quanto cannot hold `w` exactly, as (kind, reason) (None: it can); kinds share one fix."""
     if w.spec.bits == 8:
         if w.n_groups > 1 or not w.spec.sym:
-            return "8-bit with groups or zero points (quanto's qint8 is one symmetric scale per row)"
+            return "8-bit", "8-bit with groups or zero points, and quanto's qint8 is one symmetric scale per row"
         return None
     quanto_group = quanto_group_size(w.in_features)
     if quanto_group is None and w.n_groups > 1:
-        return f"grouped, but quanto uses one scale per row for input width {w.in_features}"
+        return "per-row", f"grouped, but quanto uses one scale per row for {w.in_features}-wide inputs"
     if quanto_group is not None and w.width % quanto_group:
-        return f"group size {w.width}, not a multiple of quanto's {quanto_group} for input width {w.in_features}"
+        return "group", (f"group {w.width} is not a multiple of quanto's group {quanto_group} for "
+                         f"{w.in_features}-wide inputs")
     return None
+
+
+def _fix(kind: str, widths: list[int]) -> str:
+    """What to do about every module of one kind of `unfit_reason`, given their input widths."""
+    other = "or export it as compressed-tensors."
+    if kind == "8-bit":
+        return f"Compress 8-bit layers symmetric with one group per row (8:<input width>:gptq:sym), {other}"
+    if kind == "per-row":
+        return f"Compress those modules with one group per row, {other}"
+    needs = ", ".join(f"{quanto_group_size(w)} for {w}-wide inputs" for w in sorted(set(widths)))
+    return f"Compress again with the groups quanto uses ({needs}), {other}"
 
 
 def pack_rows(data: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,20 +126,25 @@ def module_tensors(w: ExportedWeight, dtype: torch.dtype) -> dict[str, torch.Ten
 class QuantoExporter(Exporter):
     name = "quanto"
     title = "an optimum-quanto model"
-    advice = ("Load it with layerwise.load, export it as compressed-tensors, or compress again with what quanto "
-              "holds: group size 128 (2, 3, 4 bits) and one symmetric group per row for 8 bits")
+    advice = "Load it with layerwise.load, or export it as compressed-tensors."
 
-    def check(self, ckpt: Checkpoint) -> list[str]:
+    def check(self, ckpt: Checkpoint, settings: ExportSettings) -> list[Problem]:
         weights = quantized_weights(ckpt.model)
-        unfit: dict[str, list[str]] = defaultdict(list)
+        not_linear = non_linear_reasons(ckpt, weights)
+        if not_linear:  # nothing else matters for modules no loader quantizes
+            return not_linear
+        unfit: dict[tuple[str, str], list[ExportedWeight]] = defaultdict(list)
         for w in weights:
-            reason = unfit_reason(w)
-            if reason is not None:
-                unfit[reason].append(w.name)
-        reasons = [f"modules {names} are {reason}" for reason, names in unfit.items()]
-        return reasons + non_linear_reasons(ckpt, weights)
+            found = unfit_reason(w)
+            if found is not None:
+                unfit[found].append(w)
+        widths: dict[str, list[int]] = defaultdict(list)
+        for (kind, _), found_weights in unfit.items():
+            widths[kind] += [w.in_features for w in found_weights]
+        return [Problem(reason, _fix(kind, widths[kind]), tuple(w.name for w in found_weights))
+                for (kind, reason), found_weights in unfit.items()]
 
-    def write(self, ckpt: Checkpoint, out: Path) -> None:
+    def write(self, ckpt: Checkpoint, out: Path, settings: ExportSettings) -> None:
         weights = quantized_weights(ckpt.model)
         dtype = model_dtype(ckpt)
         tensors = dense_state(ckpt.model)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from layerwise.core.budget import KEEP_BITS, layer_bits, n_weights
+from layerwise.core.budget import KEEP_BITS, group_fits, layer_bits, n_weights
 from layerwise.core.types import LayerAction, LayerOutcome, LayerScores, LinearShapes, Plan
 from layerwise.model.adapter import decoder_layers, linear_modules
 
@@ -39,6 +39,9 @@ class Report:
     decoder_bytes_after: int
     other_bytes: int  # embeddings, head, norms: not counted in the budget, kept as they are
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Where an option's group size does not divide a module's input width and a smaller one is used
+    # (`layerwise.core.budget.group_fits`); the rows show the group size the plan asks for.
+    group_fits: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,7 @@ class Report:
             f"({self.decoder_bytes_fp16 / mib:.1f} MiB as fp16), {self.decoder_bytes_after / mib:.1f} MiB after",
             f"not counted (embeddings, head, norms; kept as is): {self.other_bytes / mib:.1f} MiB",
         ]
+        lines += [f"group size fitted to the input width: {fit}" for fit in self.group_fits]
         for key, value in self.metrics.items():
             lines.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
         return "\n".join(lines)
@@ -133,5 +137,6 @@ def build_report(
         decoder_bytes_fp16=total_weights * KEEP_BITS // 8,
         decoder_bytes_after=bits_after // 8,
         other_bytes=other,
+        group_fits=group_fits(plan, shapes),
     )
 

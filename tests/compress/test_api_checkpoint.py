@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -31,7 +32,7 @@ def test_compress_save_load_gives_identical_logits(arch, tmp_path):
     assert torch.equal(logits(ckpt.model, ids), before)
     assert ckpt.plan.bits_per_layer() == result.plan.bits_per_layer()
     meta = json.loads((tmp_path / "ckpt" / "layerwise.json").read_text())
-    assert meta["format_version"] == 1 and meta["plan"]["avg_bits"] <= 3.0
+    assert meta["format_version"] == 2 and meta["plan"]["avg_bits"] <= 3.0
     assert meta["report"]["avg_bits"] == pytest.approx(result.plan.avg_bits)
     assert len(meta["scores"]["scores"]) == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
@@ -52,7 +53,8 @@ def test_quantized_model_is_close_to_original_at_8_bits():
     model = tiny_model("llama", n_layers=4)
     ids = random_windows(1, 12, seed=3)
     reference = logits(model, ids)
-    result = layerwise.compress(model, 9.0, scorer="lim", method="rtn", high=8, low=4, calib=random_windows(2, 16),
+    # 8-bit group 32 costs 8 + (16 + 8) / 32 = 8.75 bits: a budget of 8.75 puts every layer there.
+    result = layerwise.compress(model, 8.75, scorer="lim", method="rtn", high=8, low=4, calib=random_windows(2, 16),
                                 group_size=32,
                                 progress=False)
     assert all(b == 8 for b in result.plan.bits_per_layer())
@@ -141,3 +143,16 @@ def test_encoder_model_object_is_refused():
                                       intermediate_size=64, vocab_size=64))
     with pytest.raises(LayerwiseError, match="decoder-only"):
         layerwise.compress(bert, 3.0, calib=random_windows(1, 8), progress=False)
+
+
+def test_a_version_1_checkpoint_loads_with_its_weights():
+    """tests/data/checkpoint-v1 was written by layerwise before checkpoint format 2 (fp16 zero points, group 48
+    on 64-wide inputs: a short last group), with the logits it gave then; it loads and gives them still."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    ckpt = layerwise.load(data / "checkpoint-v1")
+    assert ckpt.meta["format_version"] == 1
+    q_proj = ckpt.model.model.layers[0].self_attn.q_proj
+    assert q_proj.group_size == 48 and q_proj.scales.shape == (64, 2) and q_proj.zeros.dtype == torch.int32
+    with torch.inference_mode():
+        logits = ckpt.model(random_windows(2, 16, seed=9)).logits
+    assert torch.equal(logits, torch.load(data / "checkpoint-v1-logits.pt"))

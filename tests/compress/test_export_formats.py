@@ -4,14 +4,18 @@ process that never imports layerwise, and its logits are compared with layerwise
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import random_windows, tiny_model
+from export_helpers import (
+    TOLERANCE,
+    decompressor_body,
+    layerwise_logits,
+    logits_in_subprocess,
+    relative_difference,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import layerwise
@@ -20,7 +24,6 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import LayerAction, Plan, QuantSpec
 from layerwise.output.export import export_checkpoint
 
-TOLERANCE = 1e-3  # max |logit difference| / max |logit|
 IDS = [[(7 * i + 3) % 96 for i in range(24)]]
 
 
@@ -28,58 +31,48 @@ def quantize(layer, bits, group_size, sym, **kwargs):
     return LayerAction(layer, "quantize", bits=bits, group_size=group_size, method="rtn", sym=sym, **kwargs)
 
 
-def checkpoint(tmp_path, model, actions, name="ckpt"):
-    result = layerwise.apply(model, Plan(actions), "rtn", progress=False)
+def checkpoint(tmp_path, model, actions, name="ckpt", method="rtn"):
+    """`actions` applied with `method` filling those that name none (the `quantize` helper names rtn)."""
+    result = layerwise.apply(model, Plan(actions), method, calib=random_windows(8, 32, seed=1), progress=False)
     layerwise.save(result, tmp_path / name)
     return tmp_path / name
 
 
+def gptq(layer, bits, group_size, sym, **kwargs):
+    return LayerAction(layer, "quantize", bits=bits, group_size=group_size, method=None, sym=sym, **kwargs)
+
+
 def reference_logits(path):
-    with torch.inference_mode():
-        return layerwise.load(path).model(input_ids=torch.tensor(IDS)).logits
+    return layerwise_logits(path, IDS)
 
 
 def loader_logits(tmp_path, body):
-    """Run `body` (which sets `model`) in a fresh interpreter without layerwise; return its logits."""
-    script = "import sys, torch\n" + textwrap.dedent(body) + textwrap.dedent(f"""
-        assert "layerwise" not in sys.modules
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor({IDS})).logits
-        torch.save(logits, {str(tmp_path / 'logits.pt')!r})
-    """)
-    # Not from the repository root: its kernels/ folder would shadow the `kernels` package transformers probes.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt")
-
-
-def relative_difference(got, expected):
-    difference = ((got - expected).abs().max() / expected.abs().max()).item()
-    print(f"max |logit difference| / max |logit| = {difference:.3g}")  # shown with pytest -s
-    return difference
+    return logits_in_subprocess(tmp_path, body, IDS)
 
 
 def tiny(arch, n_layers):
     return tiny_model(arch, n_layers=n_layers)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_compressed_tensors_symmetric_mixed_loads_in_transformers(arch, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("three_bit_as_four", [False, True])
+def test_compressed_tensors_symmetric_mixed_gptq_loads_in_transformers(arch, three_bit_as_four, tmp_path):
+    """A GPTQ plan of 2/3/4/8 bits, a per-module override, a kept and a pruned layer, loaded by transformers'
+    from_pretrained; 3-bit packed densely, or on the 4-bit grid when asked."""
     pytest.importorskip("compressed_tensors")
     actions = [
-        quantize(0, 4, 32, True),
-        quantize(1, 8, 64, True),
-        quantize(2, 2, 32, True, overrides={"mlp.down_proj": QuantSpec(3, 64, "rtn", True)}),
+        gptq(0, 4, 32, True),
+        gptq(1, 8, 64, True),
+        gptq(2, 2, 32, True, overrides={"mlp.down_proj": QuantSpec(3, 64, "gptq", True)}),
         LayerAction(3, "keep"),
         LayerAction(4, "prune"),
-        quantize(5, 3, 64, True),  # one group per row for the 64-wide modules: strategy "channel"
+        gptq(5, 3, 64, True),  # one group per row for the 64-wide modules: strategy "channel"
     ]
-    path = checkpoint(tmp_path, tiny(arch, 6), actions)
-    export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
+    path = checkpoint(tmp_path, tiny(arch, 6), actions, method="gptq")
+    export_checkpoint(path, tmp_path / "ct", "compressed-tensors", three_bit_as_four=three_bit_as_four)
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     groups = config["quantization_config"]["config_groups"].values()
-    assert {g["weights"]["num_bits"] for g in groups} == {2, 4, 8}  # 3-bit codes on the 4-bit grid
+    assert {g["weights"]["num_bits"] for g in groups} == ({2, 4, 8} if three_bit_as_four else {2, 3, 4, 8})
     assert config["num_hidden_layers"] == 5
     got = loader_logits(tmp_path, f"""
         from transformers import AutoModelForCausalLM
@@ -88,38 +81,61 @@ def test_compressed_tensors_symmetric_mixed_loads_in_transformers(arch, tmp_path
     assert relative_difference(got, reference_logits(path)) < TOLERANCE
 
 
-def test_compressed_tensors_asymmetric_mixed_loads_in_compressed_tensors(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_compressed_tensors_asymmetric_mixed_gptq_loads_in_compressed_tensors(arch, tmp_path):
     """Asymmetric (packed zero points) through compressed-tensors' own ModelCompressor: transformers 5's
     loader builds unpacked zero-point shapes on the meta device and cannot load any asymmetric
     pack-quantized checkpoint (llm-compressor issue 1618), ours included."""
     pytest.importorskip("compressed_tensors")
     actions = [
-        quantize(0, 4, 32, False),
-        quantize(1, 8, 64, False),
-        quantize(2, 2, 32, False, overrides={"mlp.down_proj": QuantSpec(3, 64, "rtn", True)}),
+        gptq(0, 4, 32, False),
+        gptq(1, 8, 64, False),
+        gptq(2, 2, 32, False, overrides={"mlp.down_proj": QuantSpec(3, 64, "gptq", True)}),
         LayerAction(3, "keep"),
-        quantize(4, 3, 32, False),
+        gptq(4, 3, 32, False),
     ]
-    path = checkpoint(tmp_path, tiny("llama", 5), actions)
+    path = checkpoint(tmp_path, tiny(arch, 5), actions, method="gptq")
     export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
-    got = loader_logits(tmp_path, f"""
-        import json, safetensors.torch
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-        from transformers import AutoConfig, AutoModelForCausalLM
-        directory = {str(tmp_path / 'ct')!r}
-        config = AutoConfig.from_pretrained(directory)
-        qconfig = QuantizationConfig.model_validate(config.quantization_config)
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        compressor = ModelCompressor(quantization_config=qconfig)
-        apply_quantization_config(model, qconfig)
-        compressor.compress_model(model)  # the compressed layout: packed weights and zero points
-        result = model.load_state_dict(safetensors.torch.load_file(directory + "/model.safetensors"), strict=False)
-        assert not result.missing_keys and not result.unexpected_keys, result
-        compressor.decompress_model(model)
-    """)
+    got = loader_logits(tmp_path, decompressor_body(tmp_path / "ct"))
     assert relative_difference(got, reference_logits(path)) < TOLERANCE
+
+
+def test_compressed_tensors_stores_what_the_budget_counts(tmp_path):
+    """On disk, each quantized module's tensors take its `storage_bits` (fp16 scales, zero points packed at
+    the code width, dense 3-bit codes), plus the 16-byte weight_shape: the budget is what the export costs."""
+    import safetensors.torch
+
+    actions = [quantize(0, 3, 32, False), quantize(1, 2, 64, False), quantize(2, 4, 32, True)]
+    path = checkpoint(tmp_path, tiny("llama", 3), actions)
+    export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
+    stored = safetensors.torch.load_file(tmp_path / "ct" / "model.safetensors")
+    model = layerwise.load(path).model
+    for name, module in model.named_modules():
+        if hasattr(module, "storage_bits"):
+            nbytes = sum(t.numel() * t.element_size() for k, t in stored.items()
+                         if k.startswith(f"{name}.weight_"))
+            assert nbytes == module.storage_bits() // 8 + 16, name
+
+
+def test_vllm_target_refuses_a_fused_set_with_two_schemes(tmp_path, capsys):
+    """vLLM runs q/k/v as one layer with one scheme: an override that gives v_proj its own is refused for
+    --target vllm (naming the modules and the fix), and exported without a target."""
+    actions = [quantize(0, 4, 32, True, overrides={"self_attn.v_proj": QuantSpec(8, 32, "rtn", True)}),
+               quantize(1, 4, 32, True)]
+    path = checkpoint(tmp_path, tiny("llama", 2), actions)
+    with pytest.raises(LayerwiseError) as info:
+        export_checkpoint(path, tmp_path / "out", "compressed-tensors", target="vllm")
+    message = str(info.value)
+    assert "q_proj, k_proj, v_proj of layer 0: vLLM fuses q/k/v and gate/up" in message
+    assert "one spec per layer" in message and "layer 1" not in message
+    assert not (tmp_path / "out").exists()
+    export_checkpoint(path, tmp_path / "out", "compressed-tensors")
+    with pytest.raises(SystemExit):
+        main(["--quiet", "export", str(path), "--format", "compressed-tensors", "--target", "tpu",
+              "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    with pytest.raises(LayerwiseError, match="unknown target 'tpu'; choose one of vllm"):
+        export_checkpoint(path, tmp_path / "x", "compressed-tensors", target="tpu")
 
 
 def quanto_model():
@@ -159,7 +175,7 @@ def test_tied_and_dropped_layers_are_refused(fmt, tmp_path):
                quantize(2, 4, 32, True, drop=["attn"]), LayerAction(3, "keep")]
     result = layerwise.apply(model, Plan(actions), "rtn", progress=False)
     layerwise.save(result, tmp_path / "ckpt")
-    with pytest.raises(LayerwiseError, match=r"layers \[1\] are tied.*layers \[2\] have dropped sub-layers.*layerwise"):
+    with pytest.raises(LayerwiseError, match=r"layer 1 is tied.*layer 2 has dropped sub-layers.*layerwise"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
 
@@ -170,19 +186,45 @@ def test_quanto_refuses_groups_it_cannot_hold(tmp_path):
     with pytest.raises(LayerwiseError) as info:
         export_checkpoint(path, tmp_path / "out", "quanto")
     message = str(info.value)
-    assert "group size 64, not a multiple of quanto's 128" in message
-    assert "model.layers.0.self_attn.q_proj" in message
-    assert "model.layers.5.mlp.down_proj" in message and "8-bit with groups or zero points" in message
-    assert "group size 128" in message  # the fix
+    # Summarised by module and layers, with a fix that names the group quanto needs for that width ...
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj of layers 0-4: group 64 is not a multiple of " \
+           "quanto's group 128 for 256-wide inputs" in message
+    assert "Compress again with the groups quanto uses (128 for 256-wide inputs, 128 for 384-wide inputs)" in message
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj of layer 5: 8-bit with groups" in message
+    assert "model.layers.0.self_attn.q_proj" not in message and len(message) < 1000
+    # ... and every module by its full name in the details that --verbose prints.
+    assert "model.layers.0.self_attn.q_proj: group 64 is not a multiple of quanto's group 128 for 256-wide " \
+           "inputs" in info.value.details
+    assert len(info.value.details) == 6 * 7
     assert not (tmp_path / "out").exists()
 
 
-def test_compressed_tensors_refuses_a_short_last_group(tmp_path):
-    # down_proj's input width 128 is not a multiple of 96: its last group would be shorter.
+def test_a_group_that_does_not_divide_the_width_is_fitted_and_exports(tmp_path):
+    """Group 96 on 64- and 128-wide inputs: 64-wide modules take one group per row, down_proj (128 wide) 64."""
     path = checkpoint(tmp_path, tiny("llama", 2), [quantize(0, 4, 96, True), LayerAction(1, "keep")])
-    with pytest.raises(LayerwiseError, match=r"model.layers.0.mlp.down_proj.*shorter than the group size.*divides"):
+    layer = layerwise.load(path).model.model.layers[0]
+    assert layer.mlp.down_proj.group_size == 64 and layer.self_attn.q_proj.group_size == 96
+    assert layer.self_attn.q_proj.scales.shape[1] == 1
+    export_checkpoint(path, tmp_path / "ct", "compressed-tensors")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    schemes = {(g["weights"]["strategy"], g["weights"]["group_size"]) for g in groups.values()}
+    assert schemes == {("channel", None), ("group", 64)}
+
+
+def test_compressed_tensors_refuses_a_version_1_short_last_group(tmp_path, capsys):
+    """tests/data/checkpoint-v1 (written before group sizes were fitted): group 48 on 64-wide inputs."""
+    path = Path(__file__).resolve().parents[1] / "data" / "checkpoint-v1"
+    with pytest.raises(LayerwiseError) as info:
         export_checkpoint(path, tmp_path / "out", "compressed-tensors")
+    message = str(info.value)
+    assert "of layers 0-3: group 48 does not divide the 64-wide input" in message
+    assert "(group 48 -> 32 for 64-wide inputs)" in message and "--verbose" in message
     assert not (tmp_path / "out").exists()
+    assert main(["--quiet", "export", str(path), "--format", "compressed-tensors", "--out", str(tmp_path / "out"),
+                 "--verbose"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("layerwise: error: checkpoint") and len(err) == 1 + len(info.value.details)
+    assert "  model.layers.0.self_attn.q_proj: group 48 does not divide the 64-wide input" in err[1]
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "quanto"])
@@ -198,7 +240,7 @@ def test_bitsandbytes_layers_are_refused(fmt, tmp_path):
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "quanto"])
 def test_modules_that_are_not_linear_in_transformers_are_refused(fmt, tmp_path):
     path = checkpoint(tmp_path, tiny("gpt2", 2), [quantize(0, 4, 32, True), LayerAction(1, "keep")])
-    with pytest.raises(LayerwiseError, match=r"transformer\.h\.0\.attn\.c_attn.* are not nn\.Linear in transformers"):
+    with pytest.raises(LayerwiseError, match=r"c_attn.* of layer 0: not nn\.Linear in transformers"):
         export_checkpoint(path, tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
 

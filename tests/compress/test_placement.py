@@ -80,7 +80,7 @@ def test_onloaded_puts_back_the_original_tensors_and_sends_new_modules_home():
     assert all(torch.equal(originals[n], v) for n, v in values.items())  # not rounded through bf16
     q = layer[0]
     assert isinstance(q, QuantLinear) and q.bias.dtype == torch.float32  # the model's dtype again
-    assert (q.qweight.dtype, q.scales.dtype, q.zeros.dtype) == (torch.int32, torch.float16, torch.float16)
+    assert (q.qweight.dtype, q.scales.dtype, q.zeros.dtype) == (torch.int32, torch.float16, torch.int32)
     with onloaded(layer, None) as nothing:
         assert nothing is None
 

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from layerwise.api import make_plan
-from layerwise.core.budget import average_bits, layer_bits
+from layerwise.core.budget import average_bits, group_fits, layer_bits
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import LayerAction, LayerScores, Plan, QuantSpec
+from layerwise.core.types import LayerAction, LayerScores, Plan, QuantSpec, fitted_group_size
 
 SHAPES = {"q": (576, 576), "k": (192, 576), "up": (1536, 576), "down": (576, 1536)}
 
@@ -15,12 +15,33 @@ def scores_for(values):
 
 
 def test_storage_bits_include_scale_and_zero_overhead():
-    # 4-bit, group 128, asymmetric: 4 + (16 + 16) / 128 = 4.25 bits per weight when groups are full.
-    assert QuantSpec(4, 128).storage_bits(256, 1024) / (256 * 1024) == pytest.approx(4.25)
+    # 4-bit, group 128, asymmetric: a fp16 scale and a 4-bit zero per group, 4 + (16 + 4) / 128 bits per weight.
+    assert QuantSpec(4, 128).storage_bits(256, 1024) / (256 * 1024) == pytest.approx(4 + 20 / 128)
     assert QuantSpec(4, 128, sym=True).storage_bits(256, 1024) / (256 * 1024) == pytest.approx(4.125)
-    # 576 columns in groups of 128: five groups, the last one half full, each with its own scale/zero.
+    # Zero points are packed down each group's column, padded to whole words: 3 rows of 3-bit zeros take a word.
+    assert QuantSpec(3, 64).storage_bits(3, 128) == 3 * (12 * 32 + 2 * 16) + 2 * 32
+    # 576 columns in groups of 128 as written: five groups, the last one half full (checkpoint format 1) ...
     assert QuantSpec(3, 128).n_groups(576) == 5
-    assert QuantSpec(3, 128).storage_bits(1, 576) == 3 * 576 + 5 * 32
+    # ... but modules are quantized with the group fitted to their width: 64 for 576-wide inputs.
+    assert QuantSpec(3, 128).fit(576) == QuantSpec(3, 64) and QuantSpec(3, 128).fit(1536).group_size == 128
+
+
+@pytest.mark.parametrize(("group", "width", "fitted"), [
+    (128, 576, 64), (256, 576, 64), (128, 4096, 128), (96, 576, 96), (128, 100, 128), (200, 100, 200),
+    (64, 96, 32), (128, 96, 128), (100, 1001, 1001), (64, 48, 64), (256, 768, 256), (512, 1536, 512), (1024, 1536, 512),
+])
+def test_group_sizes_are_fitted_to_the_input_width(group, width, fitted):
+    """The group itself when it divides the width or covers the row; else the largest of 512 ... 32 below it
+    that divides the width; else one group per row."""
+    assert fitted_group_size(group, width) == fitted
+    assert width % fitted == 0 or fitted >= width
+
+
+def test_the_report_says_where_groups_were_fitted():
+    scores = scores_for([0.1 * i for i in range(3)])
+    plan = make_plan(scores, 3.25, high=4, low=2, group_size=128)
+    lines = group_fits(plan, scores.linear_shapes)
+    assert lines == ["group 128 -> 64 for 576-wide inputs (q, k, up; 3 layers)"]
 
 
 def test_lwq_meets_budget_without_exceeding_it_and_is_closest():

@@ -66,7 +66,7 @@ def test_a_checkpoint_directory_is_evaluated_as_compressed(tiny_model_dir, tmp_p
                                       progress=False), tmp_path / "ckpt")
     result = evaluate(str(tmp_path / "ckpt"), "ppl", protocol=SMALL, progress=False)
     info = result.config["model_info"]
-    assert info["kind"] == "checkpoint" and info["avg_bits"] == pytest.approx(3.0)
+    assert info["kind"] == "checkpoint" and info["avg_bits"] == pytest.approx(2 + (16 + 2) / 32)
     assert info["path"] == str((tmp_path / "ckpt").resolve())
 
 

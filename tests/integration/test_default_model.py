@@ -1,12 +1,15 @@
 """The whole path on the real default model (SmolLM2-135M-Instruct), kept small enough for CI."""
 
 import pytest
+import safetensors.torch
 import torch
+from export_helpers import TOLERANCE, decompressor_body, logits_in_subprocess, relative_difference
 
 import layerwise
 from layerwise.core.types import QuantSpec
 from layerwise.eval import PerplexityProtocol, perplexity
 from layerwise.model.loading import load_model
+from layerwise.output.export import export_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +32,7 @@ def test_compress_to_3_25_bits_reload_and_evaluate(tmp_path):
 
     def average_bits(options: list[str]) -> float:
         specs = [QuantSpec.parse_option(o) for o in options]
-        stored = sum(spec.storage_bits(*shape) for spec, layer in zip(specs, shapes, strict=True)
+        stored = sum(spec.fit(shape[1]).storage_bits(*shape) for spec, layer in zip(specs, shapes, strict=True)
                      for shape in layer.values())
         return stored / sum(o * i for layer in shapes for o, i in layer.values())
 
@@ -52,3 +55,15 @@ def test_compress_to_3_25_bits_reload_and_evaluate(tmp_path):
     assert perplexity(ckpt.model, ckpt.tokenizer, SMALL, progress=False).perplexity == pytest.approx(ppl_after)
     size = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
     assert size < 0.5 * sum(p.numel() * 4 for p in load_model("smollm2-135m")[0].parameters())
+
+    # The checkpoint exports to compressed-tensors (group 128 became 64 on the 576-wide inputs), takes on
+    # disk what the budget counted, and compressed-tensors' own decompressor, in a process without layerwise,
+    # computes the same logits.
+    assert "group 128 -> 64 for 576-wide inputs" in " ".join(result.report.group_fits)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "ct", "compressed-tensors")
+    stored = safetensors.torch.load_file(tmp_path / "ct" / "model.safetensors")
+    decoder_bytes = sum(t.numel() * t.element_size() for k, t in stored.items()
+                        if ".layers." in k and ".weight_" in k and not k.endswith("weight_shape"))
+    assert decoder_bytes * 8 / result.report.decoder_weights <= 3.25
+    exported = logits_in_subprocess(tmp_path, decompressor_body(tmp_path / "ct"), ids.tolist())
+    assert relative_difference(exported, result.model(input_ids=ids).logits.detach()) < TOLERANCE

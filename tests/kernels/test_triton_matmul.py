@@ -16,6 +16,7 @@ import torch
 from conftest import random_windows, tiny_model
 
 import layerwise
+from layerwise.core.bitstream import pack_zeros
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.kernels import KERNEL_ENV, torch_ref, triton_matmul
@@ -35,12 +36,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def packed_weight(bits: int, group: int, sym: bool, out_f: int, in_f: int, seed: int = 0):
-    """Random codes packed as bitstream-v1, fp16 scales, fractional fp16 zeros (None when symmetric)."""
+    """Random codes packed as bitstream-v1, fp16 scales, packed integer zeros (None when symmetric)."""
     gen = torch.Generator().manual_seed(seed)
     n_groups = -(-in_f // group)
     qweight = pack(torch.randint(0, 2**bits, (out_f, in_f), generator=gen), bits)
     scales = (0.01 + 0.1 * torch.rand(out_f, n_groups, generator=gen)).half()
-    zeros = None if sym else (torch.rand(out_f, n_groups, generator=gen) * (2**bits - 1)).half()
+    zeros = None if sym else pack_zeros(torch.randint(0, 2**bits, (out_f, n_groups), generator=gen), bits)
     return qweight, scales, zeros
 
 
@@ -203,7 +204,7 @@ flags = dict(BITS=3, SYM=False, GROUP_PER_TILE=False, HAS_BIAS=True, DOT_PRECISI
 for fn, consts in ((triton_gemv._gemv_kernel, dict(BLOCK_M=16, BLOCK_N=64)),
                    (triton_gemm._gemm_kernel, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8))):
     consts.update(flags)
-    types = {"q_ptr": "*i32", "out_ptr": "*fp32"}
+    types = {"q_ptr": "*i32", "z_ptr": "*i32", "out_ptr": "*fp32"}
     signature = {a: "constexpr" if a in consts else types.get(a, "*fp16" if a.endswith("_ptr") else "i32")
                  for a in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

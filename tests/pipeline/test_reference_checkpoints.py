@@ -1,5 +1,6 @@
-"""For the same arguments, the checkpoint bytes and the plan are the ones the code before the one-pipeline
-redesign wrote (tests/data/reference_checkpoints.json, made by tests/reference_cases.py at that commit)."""
+"""For the same arguments, the checkpoint bytes and the plan are the ones recorded in
+tests/data/reference_checkpoints.json (made by tests/reference_cases.py; its docstring says when and why
+they were rewritten)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from gptq_reference import naive_gptq
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from layerwise.core.bitstream import unpack_zeros, words_per_row
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.quant import (
@@ -179,7 +180,7 @@ def test_act_order_keeps_contiguous_groups(calibration, sym: bool) -> None:
     n_groups = math.ceil(576 / group_size)
     assert qw.scales.shape == (48, n_groups) and qw.scales.dtype == torch.float16
     if not sym:
-        assert qw.zeros.shape == (48, n_groups) and qw.zeros.dtype == torch.float16
+        assert qw.zeros.shape == (words_per_row(48, bits), n_groups) and qw.zeros.dtype == torch.int32
     # Static groups: ranges of the natural column groups of the original weight, i.e. exactly RTN's.
     assert torch.equal(qw.scales, quantize_rtn(weight, QuantSpec(bits, group_size, "rtn", sym)).scales)
 
@@ -187,7 +188,7 @@ def test_act_order_keeps_contiguous_groups(calibration, sym: bool) -> None:
     deq = qw.dequantize()
     codes = codes_of(qw).to(torch.float32)
     group = torch.arange(576) // group_size
-    zero = torch.full_like(codes, 2 ** (bits - 1)) if sym else qw.zeros.float()[:, group]
+    zero = torch.full_like(codes, 2 ** (bits - 1)) if sym else unpack_zeros(qw.zeros, bits, 48).float()[:, group]
     torch.testing.assert_close(deq, (codes - zero) * qw.scales.float()[:, group], rtol=0, atol=0)
 
     # The packed format round-trips through QuantLinear and its state_dict.

@@ -13,7 +13,7 @@ from layerwise.core.types import QuantSpec
 from layerwise.kernels import dequant_matmul
 from layerwise.quant import QuantLinear, linear_weight, quantize_module, quantize_rtn, relative_error
 
-IN, OUT = 96, 40  # 96 = 64 + 32: a partial last group with group_size 64
+IN, OUT = 96, 40  # 96 = 64 + 32: group_size 64 is fitted to 32 (`QuantSpec.fit`)
 
 
 def make_linear(kind: str, bias: bool = True, seed: int = 0) -> nn.Module:
@@ -82,7 +82,8 @@ def test_state_dict_keys_and_empty_round_trip(sym: bool, bias: bool) -> None:
     assert state["qweight"].dtype == torch.int32 and state["scales"].dtype == torch.float16
     assert qlinear.storage_bits() == sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k != "bias")
 
-    loaded = QuantLinear.empty(IN, OUT, spec, bias=bias, dtype=torch.float32)
+    assert qlinear.spec == spec.fit(IN) and qlinear.group_size == 32  # 64 does not divide 96: 32 does
+    loaded = QuantLinear.empty(IN, OUT, qlinear.spec, bias=bias, dtype=torch.float32)
     assert set(loaded.state_dict()) == set(state)
     assert all(loaded.state_dict()[k].shape == t.shape for k, t in state.items())
     loaded.load_state_dict(state)
@@ -96,7 +97,7 @@ def test_bias_keeps_its_dtype_and_whole_model_casts_keep_the_format() -> None:
     assert qlinear.bias.dtype == torch.bfloat16
     before = qlinear.dequantize()
     qlinear.to(torch.float32)
-    assert qlinear.scales.dtype == torch.float16 and qlinear.zeros.dtype == torch.float16
+    assert qlinear.scales.dtype == torch.float16 and qlinear.zeros.dtype == torch.int32
     assert qlinear.qweight.dtype == torch.int32 and qlinear.bias.dtype == torch.float32
     assert torch.equal(qlinear.dequantize(), before)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layerwise.core.bitstream import words_per_row
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.quant import QUANTIZERS, group_params, quantize_codes, quantize_rtn, unpack
@@ -60,7 +61,7 @@ def test_matches_naive_reference(bits: int, sym: bool, in_features: int, group_s
     assert qw.scales.shape == (24, n_groups) and qw.scales.dtype == torch.float16
     assert (qw.zeros is None) == sym
     if not sym:
-        assert qw.zeros.shape == (24, n_groups)
+        assert qw.zeros.shape == (words_per_row(24, bits), n_groups) and qw.zeros.dtype == torch.int32
     torch.testing.assert_close(qw.scales, expected_scales, rtol=0, atol=0)
     torch.testing.assert_close(qw.dequantize(), expected, rtol=1e-3, atol=1e-5)
 
