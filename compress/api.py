@@ -184,6 +184,7 @@ def compress(
     grid: str = DEFAULT_GRID,
     rotate: str | None = AUTO,
     rotate_seed: int = 0,
+    target: str | None = None,
 ) -> CompressResult:
     """Score, plan and compress in one call; the model is modified in place and returned.
 
@@ -196,7 +197,8 @@ def compress(
     time into a resumable work directory. `device`/`dtype` place each layer's work. `grid` chooses each
     group's scale and zero (``minmax`` or ``mse``, see `layerwise.quant.grid`). `rotate` fuses rotations into
     the weights before scoring (``"auto"``, the default: R1 + R2 where they apply and cost no storage; None:
-    off). The module docstring (`help(layerwise.api)`) says each argument in full.
+    off). `target` ``"gguf"`` plans with llama.cpp's types (default options ``q2_k`` ... ``q8_0``) for
+    ``--format gguf``; ``"vllm"`` refuses them. The module docstring (`help(layerwise.api)`) says each argument in full.
     """
     check_numbers(bits=bits, group_size=group_size, high=high, low=low, seed=seed, n_low=n_low, uniform=uniform,
                   prune=prune, drop_attn=drop_attn, drop_mlp=drop_mlp, tie=tie, calib_windows=calib_windows,
@@ -209,6 +211,7 @@ def compress(
         structure=StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode), prune_scorer=prune_scorer,
         calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows, calib_len),
         device=_name(device) or "auto", dtype=_name(dtype), grid=grid, rotate=rotate, rotate_seed=rotate_seed,
+        target=target,
     )
     windows = calib if isinstance(calib, torch.Tensor) else None
     source, sink = _source_and_sink(model_or_path, tokenizer, out, overwrite, stream, resume)

@@ -250,6 +250,10 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted streamed compression into --out from its last finished layer "
                         "(same arguments; implies --stream)")
     _add_rotate(p, AUTO)
+    p.add_argument("--target", choices=["gguf", "vllm"], default=None,
+                   help="the engine the checkpoint is for: gguf quantizes to llama.cpp types (default options "
+                        "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0 at their real bits per weight; export with --format gguf); "
+                        "vllm refuses llama.cpp types (export with --format compressed-tensors --target vllm)")
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")
 
@@ -259,15 +263,19 @@ def _add_export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="hf", choices=list(EXPORT_FORMATS),
                    help="hf: plain Hugging Face directory (pruned-only checkpoints); compressed-tensors: "
                         "pack-quantized with per-module bits (transformers, vLLM); quanto: optimum-quanto "
-                        "qint2/qint4/qint8 (QuantizedModelForCausalLM)")
+                        "qint2/qint4/qint8 (QuantizedModelForCausalLM); gguf: one llama.cpp file, each decoder "
+                        "linear in its plan's type (--options q4_k,q3_k,... quantize to them directly)")
     p.add_argument("--target", choices=list(TARGETS), default=None,
                    help="also refuse what this engine cannot load (vllm: q/k/v and gate/up, which it fuses, must "
                         "share one scheme); docs/export.md says which of its kernels runs which scheme")
     p.add_argument("--three-bit-as-four", action="store_true",
                    help="compressed-tensors: write 3-bit modules on the 4-bit grid (4 bits per weight, exact) for "
                         "readers older than dense 3-bit packing (compressed-tensors < 0.18)")
+    p.add_argument("--gguf-embeddings", choices=["q8_0", "f16", "f32"], default="q8_0",
+                   help="gguf: the type of the embedding and of an untied head (default q8_0, llama.cpp's choice "
+                        "when rows are not whole 256-weight super-blocks; f32 keeps them exactly)")
     p.add_argument("--verbose", action="store_true", help="on a refusal, list every module it concerns")
-    _add_output(p, "--out", "directory to write")
+    _add_output(p, "--out", "directory to write (a file for --format gguf)")
 
 
 def _add_eval_parser(p: argparse.ArgumentParser) -> None:
@@ -456,14 +464,15 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
                 prune_block=args.prune_block, prune_scorer=prune_scorer, drop_attn=args.drop_attn,
                 drop_mlp=args.drop_mlp, tie=args.tie, tie_mode=args.tie_mode, calib=args.calib,
                 calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume,
-                grid=args.grid, rotate=args.rotate, rotate_seed=args.rotate_seed)
+                grid=args.grid, rotate=args.rotate, rotate_seed=args.rotate_seed, target=args.target)
 
 
 def _run_export(args: argparse.Namespace, progress: bool) -> None:
     from layerwise.output.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite,
-                      three_bit_as_four=args.three_bit_as_four, target=args.target)
+                      three_bit_as_four=args.three_bit_as_four, target=args.target,
+                      gguf_embeddings=args.gguf_embeddings)
     print(f"wrote {args.out} ({args.format})")
 
 

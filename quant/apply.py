@@ -64,7 +64,7 @@ def quantize_modules(
     """
     jobs = [(module, spec.fit(_check_linear(module).shape[1]), hessian) for module, spec, hessian in jobs]
     results: list[QuantLinear | None] = [None] * len(jobs)
-    batches: dict[tuple[str, int], list[int]] = {}
+    batches: dict[tuple[str, int, bool], list[int]] = {}
     first: dict[tuple[int, QuantSpec, int], int] = {}
     repeats: dict[int, int] = {}
     for index, (module, spec, hessian) in enumerate(jobs):
@@ -76,8 +76,9 @@ def quantize_modules(
         if not QUANTIZERS.get(spec.method).shares_hessian or hessian is None:
             results[index] = quantize_module(module, spec, hessian)
         else:
-            batches.setdefault((spec.method, id(hessian)), []).append(index)
-    for (method, _), indices in batches.items():
+            # GGUF types and integer grids sweep apart: their groups are fixed differently.
+            batches.setdefault((spec.method, id(hessian), spec.gguf is not None), []).append(index)
+    for (method, _, _), indices in batches.items():
         weights = [_check_linear(jobs[i][0]) for i in indices]
         hessian = jobs[indices[0]][2]
         quantized = QUANTIZERS.get(method)().quantize_shared(weights, [jobs[i][1] for i in indices], hessian)

@@ -1,11 +1,12 @@
 """Storage formats ("codecs"): which buffers a quantized weight keeps and how they turn back into weights.
 
 Most methods (RTN, GPTQ) differ only in how they *choose* codes, so they share one format, the
-``bitstream-v1`` packing with fp16 group scales and bit-packed zero points. A method whose storage is different (the
-bitsandbytes NF4 and int8 formats) registers a `Codec` under its method name in `CODECS`; every other
-method gets `BITSTREAM`. `QuantizedWeight` and `QuantLinear` ask `codec_for(spec.method)` for buffer
-shapes and for the dequantization, so neither needs an ``if method == ...`` branch, and checkpoint
-loading (`QuantLinear.empty`) builds the right shapes for any method the plan names.
+``bitstream-v1`` packing with fp16 group scales and bit-packed zero points. A method whose storage is
+different (the bitsandbytes NF4 and int8 formats) registers a `Codec` under its method name in `CODECS`;
+every other method gets `BITSTREAM`, and a spec naming a GGUF type gets `GGUF` (llama.cpp's blocks).
+`QuantizedWeight` and `QuantLinear` ask `codec_for(spec)` for buffer shapes and for the dequantization,
+so neither needs an ``if method == ...`` branch, and checkpoint loading (`QuantLinear.empty`) builds the
+right shapes for any spec the plan names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerwise.core.bitstream import PackFormat, words_per_row
+from layerwise.core.gguf_types import GGUF_TYPES
 from layerwise.core.registry import Registry
 from layerwise.core.types import QuantSpec
 from layerwise.kernels import torch_ref, triton_matmul
@@ -40,7 +42,7 @@ class Packed(Protocol):
     """What a codec reads: both `QuantizedWeight` and `QuantLinear` look like this."""
 
     qweight: torch.Tensor
-    scales: torch.Tensor
+    scales: torch.Tensor | None
     zeros: torch.Tensor | None
     out_features: int
     in_features: int
@@ -104,19 +106,45 @@ class BitstreamCodec(Codec):
 
 BITSTREAM = BitstreamCodec()
 
+
+class GgufCodec(Codec):
+    """llama.cpp's own blocks (`layerwise.core.gguf_types`), stored as the bytes a GGUF file holds: uint8
+    (N, K / block * bytes per block). Dequantized by the `gguf` package (`quant.gguf_grid.dequantize_blocks`)."""
+
+    format = "gguf-blocks"
+
+    def layout(self, out_features: int, in_features: int, spec: QuantSpec) -> dict[str, BufferLayout | None]:
+        assert spec.gguf is not None
+        row_bytes = GGUF_TYPES[spec.gguf].row_bytes(in_features)
+        return {"qweight": BufferLayout((out_features, row_bytes), torch.uint8), "scales": None, "zeros": None}
+
+    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from layerwise.quant.gguf_grid import dequantize_blocks
+
+        assert packed.spec.gguf is not None
+        return dequantize_blocks(packed.qweight, GGUF_TYPES[packed.spec.gguf], packed.in_features).to(dtype)
+
+
+GGUF = GgufCodec()
+
 CODECS: Registry[Codec] = Registry("storage format")
 
 
-def codec_for(method: str) -> Codec:
-    """The codec a method registered, else the shared bitstream format."""
-    return CODECS.get(method) if method in CODECS else BITSTREAM
+def codec_for(key: str | QuantSpec) -> Codec:
+    """The codec of a spec (a GGUF type's blocks, else its method's) or of a method: the one the method
+    registered, else the shared bitstream format."""
+    if isinstance(key, QuantSpec):
+        if key.gguf is not None:
+            return GGUF
+        key = key.method
+    return CODECS.get(key) if key in CODECS else BITSTREAM
 
 
 def allocate(
     out_features: int, in_features: int, spec: QuantSpec, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor | None]:
     """Zero-filled buffers (or None) in the layout `spec`'s codec stores, e.g. to load a checkpoint into."""
-    layout = codec_for(spec.method).layout(out_features, in_features, spec)
+    layout = codec_for(spec).layout(out_features, in_features, spec)
     return {
         name: None if buf is None else torch.zeros(buf.shape, dtype=buf.dtype, device=device)
         for name, buf in layout.items()

@@ -39,7 +39,9 @@ import torch
 
 from layerwise.core.bitstream import PackFormat, pack, pack_zeros, row_chunks
 from layerwise.core.errors import LayerwiseError
+from layerwise.core.gguf_types import GGUF_TYPES
 from layerwise.core.types import QuantSpec
+from layerwise.quant.gguf_grid import gguf_grid, pack_blocks
 from layerwise.quant.grid import grid_params, grouped_params
 from layerwise.quant.hessian import AsymmetricHessian, SharedInputHessians
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
@@ -165,22 +167,28 @@ class _RowSet:
 
 @dataclass
 class _StaticColumns:
-    """Act-order's static groups: every stacked row's scale and zero for any processed columns.
+    """Static groups, fixed before the sweep: every stacked row's scale and zero for any processed columns.
 
-    Kept per group ((rows, n_groups) per weight) and expanded one block of columns at a time: expanded
-    for all columns at once they would take two float32 copies of the stacked weights.
+    Act-order's integer grids (`affine` False: ``(q - zero) * scale``), or GGUF types' grids (`affine` True:
+    ``scale * c + offset`` with the offset in place of the zero, c in each row's [`low`, `high`], which is how
+    their dequantizers compute). Kept per group ((rows, n_groups) per weight, groups `widths` columns wide)
+    and expanded one block of columns at a time: expanded for all columns at once they would take two
+    float32 copies of the stacked weights.
     """
 
     params: list[tuple[torch.Tensor, torch.Tensor]]
-    specs: list[QuantSpec]
+    widths: list[int]
     perm: torch.Tensor
+    affine: bool = False
+    low: torch.Tensor | None = None
+    high: torch.Tensor | None = None
 
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, stop - start) scales and zeros of processed columns start..stop."""
+        """(rows, stop - start) scales and zeros (offsets) of processed columns start..stop."""
         cols = self.perm[start:stop]
-        pairs = list(zip(self.params, self.specs, strict=True))
-        return (torch.cat([p[0][:, cols // spec.group_size] for p, spec in pairs]),
-                torch.cat([p[1][:, cols // spec.group_size] for p, spec in pairs]))
+        pairs = list(zip(self.params, self.widths, strict=True))
+        return (torch.cat([p[0][:, cols // width] for p, width in pairs]),
+                torch.cat([p[1][:, cols // width] for p, width in pairs]))
 
 
 def _quantize_columns(
@@ -237,9 +245,15 @@ def _quantize_columns(
                     scales[:, group], zeros[:, group] = rows.group_params(current, importance[col:end])
                 scale, zero = scales[:, group], zeros[:, group]
             w = block[:, i]
-            q = torch.minimum(torch.round(w / scale).add_(zero).clamp_(min=0), maxq)  # quantize_codes, per-row maxq
-            codes[:, col] = q
-            error = w.sub((q - zero).mul_(scale)).div_(diagonal[col])
+            if column_params is not None and column_params.affine:  # a GGUF grid: zero is the offset
+                ratio = torch.where(scale == 0, 0.0, (w - zero) / torch.where(scale == 0, 1.0, scale))
+                q = torch.maximum(torch.minimum(ratio.round_(), column_params.high), column_params.low)
+                codes[:, col] = q
+                error = w.sub(scale * q + zero).div_(diagonal[col])
+            else:
+                q = torch.minimum(torch.round(w / scale).add_(zero).clamp_(min=0), maxq)  # quantize_codes, per row
+                codes[:, col] = q
+                error = w.sub((q - zero).mul_(scale)).div_(diagonal[col])
             block[:, i + 1 :].addr_(error, u_block[i, i + 1 :], alpha=-1)
             if asymmetry is not None:  # column i of `block` is never written again: it stays w_i before rounding
                 block[:, i + 1 :].addr_(w, asymmetry[start + i, start + i + 1 : stop])
@@ -364,6 +378,8 @@ def sweep_factored(
     rows = _RowSet([w.detach().to(device=factor.hessian.device, dtype=torch.float32) for w in weights], specs)
     for w in rows.weights:
         w[:, factor.dead] = 0.0
+    if any(s.gguf is not None for s in specs):
+        return _sweep_gguf(weights, specs, rows, factor, block_size, asymmetry)
     group_sizes = sorted({s.group_size for s in specs})
     column_params = None
     importance = factor.hessian.diagonal()  # in processing order, dead inputs at 1 (their weights are 0)
@@ -371,7 +387,7 @@ def sweep_factored(
         natural = torch.empty_like(importance)
         natural[factor.perm] = importance
         params = [grouped_params(w, spec, natural) for w, spec in zip(rows.weights, specs, strict=True)]
-        column_params = _StaticColumns(params, specs, factor.perm)
+        column_params = _StaticColumns(params, [s.group_size for s in specs], factor.perm)
     elif len(group_sizes) > 1:
         raise LayerwiseError(
             f"without act-order, weights quantized in one GPTQ sweep must share a group size, got {group_sizes}"
@@ -401,6 +417,43 @@ def sweep_factored(
             in_features=weight.shape[1],
         )
         for weight, spec, part, (scale, zero) in zip(weights, specs, rows.slices, params, strict=True)
+    ]
+
+
+def _sweep_gguf(
+    weights: list[torch.Tensor],
+    specs: list[QuantSpec],
+    rows: _RowSet,
+    factor: HessianFactor,
+    block_size: int,
+    asymmetry: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> list[QuantizedWeight]:
+    """The sweep for GGUF types: each weight's grid computed up front on its natural blocks (`gguf_grid`),
+    codes chosen against it column by column with GPTQ's error feedback, written as the type's blocks."""
+    if any(s.gguf is None for s in specs):
+        raise LayerwiseError("GGUF types and integer options cannot share one GPTQ sweep; quantize them apart")
+    kinds = [GGUF_TYPES[s.gguf] for s in specs]  # type: ignore[index]
+    grids = [gguf_grid(w, kind) for w, kind in zip(rows.weights, kinds, strict=True)]
+    device = factor.hessian.device
+    low = torch.cat([torch.full((w.shape[0],), float(k.cmin)) for w, k in zip(rows.weights, kinds, strict=True)])
+    high = torch.cat([torch.full((w.shape[0],), float(k.cmax)) for w, k in zip(rows.weights, kinds, strict=True)])
+    column_params = _StaticColumns([(g.scale, g.offset) for g in grids], [k.sub_block for k in kinds], factor.perm,
+                                   affine=True, low=low.to(device), high=high.to(device))
+    while True:
+        assert factor.upper is not None
+        extra = None if asymmetry is None else asymmetry(factor.upper)
+        result = _quantize_columns(_stacked(rows.weights, factor.perm), factor.upper, rows, block_size,
+                                   column_params, asymmetry=extra)
+        del extra
+        if result is not None:
+            break
+        factor.redamp()
+    factor.warn_if_redamped()
+    codes = result[0]
+    return [
+        QuantizedWeight(qweight=pack_blocks(grid, _unpermuted(codes[part], factor.perm)), scales=None, zeros=None,
+                        spec=spec, out_features=weight.shape[0], in_features=weight.shape[1])
+        for weight, spec, part, grid in zip(weights, specs, rows.slices, grids, strict=True)
     ]
 
 

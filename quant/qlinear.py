@@ -55,14 +55,15 @@ class QuantLinear(nn.Module):
         self.sym = spec.sym
         self.method = spec.method
         self.grid = spec.grid  # how the scales were chosen: kept so `spec` round-trips; dequantizing ignores it
-        self.format = codec_for(spec.method).format
+        self.gguf = spec.gguf  # a llama.cpp type: qweight holds its blocks (`codecs.GgufCodec`)
+        self.format = codec_for(spec).format
         for name, buffer in allocate(out_features, in_features, spec, device).items():
             self.register_buffer(name, buffer)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.method, self.sym, self.grid)
+        return QuantSpec(self.bits, self.group_size, self.method, self.sym, self.grid, self.gguf)
 
     @classmethod
     def empty(
@@ -90,7 +91,8 @@ class QuantLinear(nn.Module):
             device=qw.qweight.device,
         )
         module.qweight.copy_(qw.qweight)
-        module.scales.copy_(qw.scales)
+        if qw.scales is not None:
+            module.scales.copy_(qw.scales)
         if qw.zeros is not None:
             assert module.zeros is not None
             module.zeros.copy_(qw.zeros)
@@ -103,11 +105,11 @@ class QuantLinear(nn.Module):
         dense = self.__dict__.get("_dense")
         if dense is not None:
             return F.linear(x, dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return codec_for(self.method).matmul(x, self, self.bias)
+        return codec_for(self.spec).matmul(x, self, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module multiplies by."""
-        return codec_for(self.method).dequantize(self, dtype)
+        return codec_for(self.spec).dequantize(self, dtype)
 
     @contextmanager
     def dense_weight(self) -> Iterator[None]:
@@ -130,6 +132,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, method={self.method}, bias={self.bias is not None}"
+            + (f", gguf={self.gguf}" if self.gguf is not None else "")
         )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:

@@ -32,7 +32,7 @@ class QuantizedWeight:
     """
 
     qweight: torch.Tensor
-    scales: torch.Tensor
+    scales: torch.Tensor | None
     zeros: torch.Tensor | None
     spec: QuantSpec
     out_features: int
@@ -40,7 +40,7 @@ class QuantizedWeight:
     format: PackFormat | str | None = None
 
     def __post_init__(self) -> None:
-        codec = codec_for(self.spec.method)
+        codec = codec_for(self.spec)
         problems = []
         name = str(getattr(codec.format, "value", codec.format))
         if self.format is not None and self.format != codec.format:
@@ -63,7 +63,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight these codes stand for."""
-        return codec_for(self.spec.method).dequantize(self, dtype)
+        return codec_for(self.spec).dequantize(self, dtype)
 
     def storage_bits(self) -> int:
         """Bits this weight occupies (codes with padding, scales, zeros), as the planner budgets it."""

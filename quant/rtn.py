@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from layerwise.core.bitstream import PackFormat, pack, pack_zeros, row_chunks
+from layerwise.core.gguf_types import GGUF_TYPES
 from layerwise.core.types import QuantSpec
+from layerwise.quant.gguf_grid import gguf_grid, pack_blocks
 from layerwise.quant.grid import group_params, grouped_params, quantize_codes
 from layerwise.quant.quantized import QuantizedWeight, check_weight
 from layerwise.quant.registry import QUANTIZERS, Quantizer
@@ -30,6 +32,8 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
     """
     del hessian  # RTN uses no calibration data; the argument keeps the common quantizer signature
     check_weight(weight, "RTN")
+    if spec.gguf is not None:
+        return quantize_gguf_rtn(weight, spec)
     out_features, in_features = weight.shape
     n_groups = spec.n_groups(in_features)
     width = spec.group_size if n_groups > 1 else in_features
@@ -52,6 +56,14 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | 
         out_features=out_features,
         in_features=in_features,
     )
+
+
+def quantize_gguf_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round to nearest on the GGUF type's own grid (`layerwise.quant.gguf_grid`), stored as its blocks."""
+    assert spec.gguf is not None
+    grid = gguf_grid(weight, GGUF_TYPES[spec.gguf])
+    return QuantizedWeight(qweight=pack_blocks(grid, grid.codes(weight.detach().to(torch.float32))), scales=None,
+                           zeros=None, spec=spec, out_features=weight.shape[0], in_features=weight.shape[1])
 
 
 @QUANTIZERS.register("rtn")

@@ -43,7 +43,7 @@ def plan_average_bits(plan: Plan, shapes: list[LinearShapes]) -> float:
 def group_fits(plan: Plan, shapes: list[LinearShapes]) -> list[str]:
     """Where a module got another group size than its plan entry asks (`QuantSpec.fit`), one line per
     (asked, used, input width), e.g. ``group 128 -> 64 for 576-wide inputs (q_proj, ..., up_proj; 30 layers)``."""
-    found: dict[tuple[int, int, int], tuple[dict[str, None], set[int]]] = {}
+    found: dict[tuple[int | str, int | str, int], tuple[dict[str, None], set[int]]] = {}
     for action, layer_shapes in zip(plan.layers, shapes, strict=True):
         if action.removed:
             continue
@@ -51,14 +51,17 @@ def group_fits(plan: Plan, shapes: list[LinearShapes]) -> list[str]:
             spec = action.module_spec(name)
             if spec is None or sublayer_of(name) in action.drop:
                 continue
-            used = spec.fit(in_f).group_size
-            if used != spec.group_size:
-                names, layers = found.setdefault((spec.group_size, used, in_f), ({}, set()))
+            fitted = spec.fit(in_f)
+            # A GGUF type falls back to another type (llama.cpp's rule), an integer option to a smaller group.
+            asked, used = (spec.gguf, fitted.gguf) if spec.gguf is not None else (spec.group_size, fitted.group_size)
+            if used != asked:
+                names, layers = found.setdefault((asked, used, in_f), ({}, set()))
                 names[name.rsplit(".", 1)[-1]] = None
                 layers.add(action.layer)
     lines = []
-    for (asked, used, width), (names, layers) in sorted(found.items()):
+    for (asked, used, width), (names, layers) in sorted(found.items(), key=str):
+        what = "GGUF type" if isinstance(asked, str) else "group"
         target = "one group per row" if used == width else str(used)
         count = f"{len(layers)} layer{'s' if len(layers) > 1 else ''}"
-        lines.append(f"group {asked} -> {target} for {width}-wide inputs ({', '.join(names)}; {count})")
+        lines.append(f"{what} {asked} -> {target} for {width}-wide inputs ({', '.join(names)}; {count})")
     return lines

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.core.errors import LayerwiseError, write_error
+from layerwise.core.gguf_types import FALLBACKS, GGUF_TYPES, fitted_gguf_type, gguf_type
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales and zeros are stored as fp16
@@ -62,8 +63,12 @@ class QuantSpec:
     method: str = "rtn"
     sym: bool = False
     grid: str = DEFAULT_GRID
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            self._check_gguf()
+            return
         if self.bits not in SUPPORTED_BITS:
             raise LayerwiseError(
                 f"unsupported bit width {self.bits}; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
@@ -72,6 +77,22 @@ class QuantSpec:
             raise LayerwiseError(f"group size must be a positive integer, got {self.group_size!r}")
         check_grid(self.grid)
         self._check_bnb()
+
+    def _check_gguf(self) -> None:
+        """A GGUF type fixes the code width and the block; it has its own scales, so sym and grid do not apply."""
+        kind = gguf_type(self.gguf)  # type: ignore[arg-type]
+        if (self.bits, self.group_size, self.sym, self.grid) != (kind.bits, kind.block, False, DEFAULT_GRID):
+            raise LayerwiseError(
+                f"GGUF type {kind.name} stores {kind.bits}-bit codes in blocks of {kind.block}; write the option as "
+                f"{kind.name}[:method], without bits, group size, sym or grid")
+        if self.method in BNB_BITS:
+            raise LayerwiseError(f"GGUF type {kind.name} is quantized by rtn, gptq or gptaq, not {self.method!r}")
+
+    @classmethod
+    def of_gguf(cls, name: str, method: str = "rtn") -> QuantSpec:
+        """The spec of GGUF type `name` (``q4_k``, ``q6_k``, ``q4_0``, ...) quantized by `method`."""
+        kind = gguf_type(name)
+        return cls(kind.bits, kind.block, method, gguf=kind.name)
 
     def _check_bnb(self) -> None:
         """The bitsandbytes methods have one code width each, and NF4 only the block sizes bnb takes."""
@@ -105,6 +126,15 @@ class QuantSpec:
         """
         if self.method in BNB_BITS:
             return self
+        if self.gguf is not None:
+            fitted = fitted_gguf_type(self.gguf, in_features)
+            if fitted is None:
+                block = GGUF_TYPES[self.gguf].block
+                raise LayerwiseError(
+                    f"GGUF type {self.gguf} needs rows of whole {block}-weight blocks and {in_features}-wide inputs "
+                    f"are not{' (nor of its fallback)' if self.gguf in FALLBACKS else ''}; choose a type whose "
+                    "block divides the width, or an integer option such as 4:128")
+            return QuantSpec.of_gguf(fitted, self.method)
         return replace(self, group_size=fitted_group_size(self.group_size, in_features))
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
@@ -123,12 +153,17 @@ class QuantSpec:
             return 8 * math.ceil(n / 2) + BNB_SCALE_BITS * math.ceil(n / self.group_size)
         if self.method == "int8":
             return out_features * (8 * in_features + BNB_SCALE_BITS)
+        if self.gguf is not None:  # whole blocks, scales and mins included (a partial block counted whole)
+            kind = GGUF_TYPES[self.gguf]
+            return out_features * math.ceil(in_features / kind.block) * kind.nbytes * 8
         words_per_row = math.ceil(in_features * self.bits / 32)
         zero_words = 0 if self.sym else math.ceil(out_features * self.bits / 32)
         groups = self.n_groups(in_features)
         return out_features * (words_per_row * 32 + groups * SCALE_BITS) + zero_words * 32 * groups
 
     def label(self) -> str:
+        if self.gguf is not None:
+            return f"{self.method}-{self.gguf}"
         grid = "" if self.grid == DEFAULT_GRID else f"-{self.grid}"
         return f"{self.method}-{self.bits}b-g{self.group_size}{'-sym' if self.sym else ''}{grid}"
 
@@ -137,22 +172,32 @@ class QuantSpec:
         data = asdict(self)
         if self.grid == DEFAULT_GRID:
             del data["grid"]
+        if self.gguf is None:
+            del data["gguf"]
         return data
 
     def option(self) -> str:
-        """The `--options` spelling: ``bits:group_size:method`` plus ``:sym`` when symmetric."""
+        """The `--options` spelling: ``bits:group_size:method`` plus ``:sym`` when symmetric; ``q4_k:method``."""
+        if self.gguf is not None:
+            return f"{self.gguf}:{self.method}"
         return f"{self.bits}:{self.group_size}:{self.method}{':sym' if self.sym else ''}"
 
     @classmethod
     def parse_option(cls, text: str, default_method: str = "rtn", default_group_size: int = 128) -> QuantSpec:
-        """Read ``bits[:group_size[:method[:sym]]]``, e.g. ``3:128``, ``4:64:gptq``, ``4:128:rtn:sym``."""
+        """Read ``bits[:group_size[:method[:sym]]]``, e.g. ``3:128``, ``4:64:gptq``, ``4:128:rtn:sym``, or a GGUF
+        type ``name[:method]``, e.g. ``q4_k``, ``q6_k:gptq``."""
         parts = [p.strip() for p in text.strip().split(":")]
+        if parts[0].lower() in GGUF_TYPES:
+            if len(parts) > 2:
+                raise LayerwiseError(f"cannot read option {text!r}; a GGUF type takes only a method, e.g. q4_k:gptq")
+            return cls.of_gguf(parts[0].lower(), parts[1] if len(parts) > 1 and parts[1] else default_method)
         try:
             bits = int(parts[0])
             group_size = int(parts[1]) if len(parts) > 1 and parts[1] else default_group_size
         except ValueError:
             raise LayerwiseError(
-                f"cannot read option {text!r}; write bits:group_size[:method[:sym]], e.g. 3:128 or 4:64:gptq"
+                f"cannot read option {text!r}; write bits:group_size[:method[:sym]], e.g. 3:128 or 4:64:gptq, or a "
+                f"GGUF type ({', '.join(GGUF_TYPES)})"
             ) from None
         method = parts[2] if len(parts) > 2 and parts[2] else default_method
         sym = len(parts) > 3 and parts[3] == "sym"
@@ -229,6 +274,7 @@ class LayerAction:
     overrides: dict[str, QuantSpec] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
     grid: str | None = None
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -270,8 +316,16 @@ class LayerAction:
         if self.action != "quantize":
             return None
         assert self.bits is not None and self.group_size is not None
+        if self.gguf is not None:
+            return QuantSpec.of_gguf(self.gguf, self.method or default_method)
         return QuantSpec(self.bits, self.group_size, self.method or default_method, self.sym,
                          self.grid or default_grid)
+
+    @classmethod
+    def quantized(cls, layer: int, spec: QuantSpec) -> LayerAction:
+        """A quantize action with `spec` (its grid left to `apply` when it is the default)."""
+        return cls(layer, "quantize", spec.bits, spec.group_size, spec.method, spec.sym,
+                   grid=None if spec.grid == DEFAULT_GRID else spec.grid, gguf=spec.gguf)
 
     def module_spec(
         self, module: str, default_method: str = "rtn", default_grid: str = DEFAULT_GRID
@@ -286,6 +340,8 @@ class LayerAction:
             out.update(bits=self.bits, group_size=self.group_size, method=self.method, sym=self.sym)
             if self.grid is not None:  # absent unless set: plans written before grids existed read the same
                 out["grid"] = self.grid
+            if self.gguf is not None:
+                out["gguf"] = self.gguf
         if self.action == "tie":
             out["tie_to"] = self.tie_to
         if self.overrides:

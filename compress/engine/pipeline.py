@@ -108,8 +108,35 @@ def resolve(recipe: Recipe) -> Recipe:
         check_planner_accepts(planner_cls, scorer_cls)
     resolved = replace(recipe, planner=planner)
     if "options" in planner_cls.arguments() and recipe.arg("options") is None:
-        resolved = resolved.with_args(options=DEFAULT_OPTIONS)
+        resolved = resolved.with_args(options=GGUF_OPTIONS if recipe.target == "gguf" else DEFAULT_OPTIONS)
+    check_target_options(resolved)
     return resolved
+
+
+# The options of `--target gguf`: llama.cpp's k-quants and q8_0, each at its real bits per weight.
+GGUF_OPTIONS = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0"
+TARGETS = ("gguf", "vllm")
+
+
+def check_target_options(recipe: Recipe) -> None:
+    """A target's options: llama.cpp types for gguf (others would be rounded again on export), none for vllm."""
+    if recipe.target is None:
+        return
+    if recipe.target not in TARGETS:
+        raise LayerwiseError(f"unknown target {recipe.target!r}; choose one of {', '.join(TARGETS)}")
+    options = recipe.arg("options")
+    specs = parse_options(options, recipe.method) if options else []
+    if recipe.target == "gguf":
+        wrong = [s.option() for s in specs if s.gguf is None]
+        if wrong or recipe.uniform is not None:
+            raise LayerwiseError(
+                f"--target gguf quantizes to llama.cpp types, and {', '.join(wrong) or '--uniform'} is not one; "
+                f"use --options from {GGUF_OPTIONS}")
+    else:
+        wrong = [s.option() for s in specs if s.gguf is not None]
+        if wrong:
+            raise LayerwiseError(f"--target vllm cannot load llama.cpp types ({', '.join(wrong)}); use integer "
+                                 "options such as 4:128")
 
 
 def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | None = None,

@@ -67,6 +67,7 @@ class Recipe:
     # Its own seed, not the planner's `seed` (that one orders lwq's random layer order, and planners that do
     # not take it refuse it).
     rotate_seed: int = 0
+    target: str | None = None  # the engine the checkpoint is for: "gguf" (llama.cpp types) or "vllm"; None: any
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
@@ -122,6 +123,8 @@ class Recipe:
             del data["grid"]
         if self.rotate is None:  # as recipes were written before rotations existed
             del data["rotate"], data["rotate_seed"]
+        if self.target is None:  # likewise for targets
+            del data["target"]
         return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, **data}
 
     @classmethod

@@ -62,6 +62,17 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
+    """`check_output_dir` for an output that is one file (a GGUF export)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LayerwiseError(f"output {out} already exists; choose another path or pass --overwrite")
+    if out.is_dir():
+        raise LayerwiseError(f"output {out} is a directory; give a file name such as {out / 'model.gguf'}")
+    check_writable(out)
+    return out
+
+
 def check_writable(out: Path) -> None:
     """Refuse an output on a read-only filesystem or in a directory we may not write, before any work.
 

@@ -15,14 +15,23 @@ bitsandbytes methods, and name any module whose grouping they cannot represent e
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # Imported for their registrations in EXPORTERS.
 import layerwise.output.export_compressed_tensors  # noqa: F401
 import layerwise.output.export_quanto  # noqa: F401
-from layerwise.core.types import Plan
+from layerwise.core.errors import LayerwiseError
+from layerwise.core.types import Plan, write_file_atomic
 from layerwise.model.loading import quiet_transformers
-from layerwise.output.checkpoint import Checkpoint, atomic_dir, check_output_dir, load_checkpoint, read_meta
+from layerwise.output.checkpoint import (
+    Checkpoint,
+    atomic_dir,
+    check_output_dir,
+    check_output_file,
+    load_checkpoint,
+    read_meta,
+)
 from layerwise.output.export_common import (
     EXPORTERS,
     Exporter,
@@ -33,6 +42,7 @@ from layerwise.output.export_common import (
     refuse,
     structure_blockers,
 )
+from layerwise.output.export_gguf import EMBEDDING_TYPES
 from layerwise.output.paths import check_not_inside
 
 
@@ -56,30 +66,43 @@ class HfExporter(Exporter):
 
 
 EXPORTERS.register(HfExporter.name)(HfExporter())
-EXPORT_FORMATS = ("hf", "compressed-tensors", "quanto")
+EXPORT_FORMATS = ("hf", "compressed-tensors", "quanto", "gguf")
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", *,
-                      overwrite: bool = False, three_bit_as_four: bool = False, target: str | None = None) -> Path:
+                      overwrite: bool = False, three_bit_as_four: bool = False, target: str | None = None,
+                      gguf_embeddings: str = "q8_0") -> Path:
     """Write checkpoint `path` in format `fmt` to directory `out`, atomically.
 
     Refuses, before writing anything, what `fmt` cannot hold exactly: first from layerwise.json (ties,
     dropped sub-layers, ...), then from the loaded modules (group sizes a format cannot express), then
     what `target` (``vllm``) cannot run. `three_bit_as_four` writes 3-bit modules of a compressed-tensors
-    export on the 4-bit grid, for readers that predate its dense 3-bit packing.
+    export on the 4-bit grid, for readers that predate its dense 3-bit packing. ``gguf`` writes one file
+    `out`; `gguf_embeddings` (``q8_0``, ``f16``, ``f32``) is the type of its embedding and untied head.
     """
     check_not_inside(out, [path], "checkpoint")
     exporter = EXPORTERS.get(fmt)
-    settings = ExportSettings(three_bit_as_four=three_bit_as_four, target=check_target(target))
+    if gguf_embeddings not in EMBEDDING_TYPES:
+        raise LayerwiseError(f"unknown GGUF embedding type {gguf_embeddings!r}; choose one of "
+                             f"{', '.join(EMBEDDING_TYPES)}")
+    settings = ExportSettings(three_bit_as_four=three_bit_as_four, target=check_target(target),
+                              gguf_embeddings=gguf_embeddings)
     plan = Plan.from_dict(read_meta(path)["plan"])
     blockers = exporter.blockers(plan)
     if blockers:
         raise refuse(path, exporter, blockers)
-    out = check_output_dir(out, overwrite)
+    out = check_output_file(out, overwrite) if exporter.single_file else check_output_dir(out, overwrite)
     ckpt = load_checkpoint(path)
     problems = exporter.check(ckpt, settings)
     if problems:
         raise refuse(path, exporter, problems)
-    with atomic_dir(out) as tmp:
-        exporter.write(ckpt, tmp, settings)
+    said: list[str | None] = []
+    if exporter.single_file:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(out, lambda tmp: said.append(exporter.write(ckpt, tmp, settings)))
+    else:
+        with atomic_dir(out) as tmp:
+            said.append(exporter.write(ckpt, tmp, settings))
+    if said and said[0]:
+        print(f"layerwise: export: {said[0]}", file=sys.stderr)
     return out

@@ -79,8 +79,18 @@ def exported_weight(name: str, module: QuantLinear) -> ExportedWeight:
 
 
 def quantized_weights(model: nn.Module) -> list[ExportedWeight]:
-    """Every QuantLinear of `model` (full module names), in module order."""
-    return [exported_weight(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    """Every QuantLinear of `model` on layerwise's integer grid (full module names), in module order; modules
+    stored as GGUF blocks are left out (`gguf_problems`)."""
+    return [exported_weight(name, m) for name, m in model.named_modules()
+            if isinstance(m, QuantLinear) and m.gguf is None]
+
+
+def gguf_problems(model: nn.Module) -> list[Problem]:
+    """Modules quantized to a llama.cpp type: only the GGUF export holds their blocks."""
+    names = tuple(name for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.gguf is not None)
+    if not names:
+        return []
+    return [Problem("quantized to llama.cpp types (GGUF blocks)", "Export it with --format gguf.", names)]
 
 
 def model_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -165,6 +175,7 @@ class ExportSettings:
 
     three_bit_as_four: bool = False
     target: str | None = None
+    gguf_embeddings: str = "q8_0"  # GGUF: the type of the embedding (and of an untied head)
 
 
 TARGETS = ("vllm",)
@@ -183,6 +194,7 @@ class Exporter(ABC):
     name: str
     title: str  # for messages: "a plain Hugging Face model", ...
     advice: str  # what the user can do instead when it refuses
+    single_file: bool = False  # writes one file (GGUF), not a directory
 
     def blockers(self, plan: Plan) -> list[Problem]:
         """Why the plan's model cannot be written in this format (empty: it can)."""
@@ -193,8 +205,9 @@ class Exporter(ABC):
         return []
 
     @abstractmethod
-    def write(self, ckpt: Checkpoint, out: Path, settings: ExportSettings) -> None:
-        """Write the exported model into the empty directory `out`."""
+    def write(self, ckpt: Checkpoint, out: Path, settings: ExportSettings) -> str | None:
+        """Write the exported model into the empty directory `out` (the file `out`, `single_file`); returns
+        what the user should know about it, if anything."""
 
 
 EXPORTERS: Registry[Exporter] = Registry("export format")

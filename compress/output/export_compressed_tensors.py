@@ -47,6 +47,7 @@ from layerwise.output.export_common import (
     ExportSettings,
     Problem,
     dense_state,
+    gguf_problems,
     non_linear_reasons,
     quantized_weights,
     write_model_files,
@@ -167,7 +168,7 @@ class CompressedTensorsExporter(Exporter):
 
     def check(self, ckpt: Checkpoint, settings: ExportSettings) -> list[Problem]:
         weights = quantized_weights(ckpt.model)
-        problems = non_linear_reasons(ckpt, weights)
+        problems = non_linear_reasons(ckpt, weights) + gguf_problems(ckpt.model)
         if problems:  # nothing else matters for modules no loader quantizes
             return problems
         problems = ragged_problems(weights)

@@ -41,6 +41,7 @@ from layerwise.output.export_common import (
     ExportSettings,
     Problem,
     dense_state,
+    gguf_problems,
     model_dtype,
     non_linear_reasons,
     quantized_weights,
@@ -130,7 +131,7 @@ class QuantoExporter(Exporter):
 
     def check(self, ckpt: Checkpoint, settings: ExportSettings) -> list[Problem]:
         weights = quantized_weights(ckpt.model)
-        not_linear = non_linear_reasons(ckpt, weights)
+        not_linear = non_linear_reasons(ckpt, weights) + gguf_problems(ckpt.model)
         if not_linear:  # nothing else matters for modules no loader quantizes
             return not_linear
         unfit: dict[tuple[str, str], list[ExportedWeight]] = defaultdict(list)

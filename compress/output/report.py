@@ -81,7 +81,9 @@ class Report:
 def _note(action: LayerAction) -> str:
     if action.action == "tie":
         return f"tied to {action.tie_to}"
-    return f"{' and '.join(action.drop)} dropped" if action.drop else ""
+    notes = [f"GGUF {action.gguf}"] if action.gguf else []
+    notes += [f"{' and '.join(action.drop)} dropped"] if action.drop else []
+    return ", ".join(notes)
 
 
 def build_report(

@@ -40,7 +40,7 @@ class OptimalConfig:
 
 
 def _option_cost(shapes, spec: QuantSpec, layer: int) -> int:
-    return layer_bits(shapes, LayerAction(layer, "quantize", spec.bits, spec.group_size, spec.method, spec.sym))
+    return layer_bits(shapes, LayerAction.quantized(layer, spec))
 
 
 def solve(costs: list[list[int]], damages: list[list[float]], budget: int) -> tuple[list[int], float, int]:
@@ -121,10 +121,7 @@ class OptimalPlanner(Planner):
                 f"costs {richest:.4f} bits per weight; lower --bits or add a richer option (e.g. 8:128)"
             )
         choice, damage, cost = solve(costs, damages, budget)
-        actions = [
-            LayerAction(i, "quantize", options[o].bits, options[o].group_size, options[o].method, options[o].sym)
-            for i, o in enumerate(choice)
-        ]
+        actions = [LayerAction.quantized(i, options[o]) for i, o in enumerate(choice)]
         return Plan(
             layers=actions,
             target_bits=config.bits,

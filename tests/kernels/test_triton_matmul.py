@@ -218,3 +218,34 @@ def test_kernels_compile_for_a_gpu() -> None:
     run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sym", (False, True))
+def test_kernels_read_the_compressed_tensors_export_as_written(tmp_path, sym):
+    """The tensors a compressed-tensors export writes (weight_packed, weight_zero_point, weight_scale), read
+    back from its safetensors file and handed to the kernel unchanged, give the module's own outputs: the
+    kernel's layout is the export's, 3-bit packed densely and zero points down the output dimension."""
+    import safetensors.torch
+
+    from layerwise.core.types import LayerAction, Plan
+    from layerwise.output.export import export_checkpoint
+
+    plan = Plan([LayerAction(0, "quantize", 3, 32, "rtn", sym=sym), LayerAction(1, "quantize", 2, 64, "rtn", sym=sym)])
+    result = layerwise.apply(tiny_model("llama", n_layers=2), plan, "rtn", progress=False)
+    layerwise.save(result, tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "ct", "compressed-tensors")
+    stored = safetensors.torch.load_file(tmp_path / "ct" / "model.safetensors")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    for name, module in result.model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        zeros = None if sym else stored[f"{name}.weight_zero_point"]
+        y = triton_matmul.triton_dequant_matmul(
+            x[:, : module.in_features].contiguous(), stored[f"{name}.weight_packed"],
+            stored[f"{name}.weight_scale"].to(torch.float16), zeros, module.bits, module.group_size,
+            module.in_features, sym)
+        with torch.no_grad():
+            expected = torch_ref.dequant_matmul(x[:, : module.in_features], module.qweight, module.scales,
+                                                module.zeros, module.bits, module.group_size, module.in_features,
+                                                sym)
+        assert relative_error(y, expected) <= TOLERANCE[torch.float32], name
