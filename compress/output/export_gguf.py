@@ -9,10 +9,11 @@ Written with the `gguf` package's `GGUFWriter`. Names, metadata and conventions 
   transformers rotates the two halves of a head); qwen2 runs the halves layout and is not permuted. Blocks
   run along a row, so permuting rows moves whole blocks and changes no value;
 * a module quantized to a GGUF type (``--options q4_k,...``) is written as its stored blocks, exactly. A
-  module on layerwise's integer grid is written as the llama.cpp type that holds its grid: symmetric
-  2/3/4-bit codes as ``q4_0`` and symmetric 8-bit as ``q8_0``, exactly, when its groups are whole blocks of
-  32; otherwise (asymmetric, other groups) its dequantized weight is quantized again to ``q4_1`` (2 to 4
-  bits) or ``q8_0`` (8 bits), which is a second rounding, and the export reports it;
+  module on layerwise's integer grid whose groups are whole blocks of 32 keeps its codes and scales
+  (`_grid_for_int`): symmetric 2/3/4-bit as ``q4_0`` and 8-bit as ``q8_0``, exactly; asymmetric 2/3/4-bit
+  as ``q4_1`` with the min ``-zero * scale`` rounded to fp16, exact where that product is an fp16 number.
+  Otherwise (asymmetric 8-bit, groups that are not whole blocks) the dequantized weight is quantized again
+  to ``q8_0`` / ``q4_1``. The export says how many modules were not exact;
 * the embedding, and the head when it is not tied, are written as `ExportSettings.gguf_embeddings`
   says: ``q8_0`` by default, which is what llama.cpp's own quantizer gives a tied head whose rows are not
   whole 256-weight super-blocks, as SmolLM2's are not (it uses ``q6_k`` for an untied head where they
@@ -61,18 +62,32 @@ def permute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _grid_for_int(w: ExportedWeight) -> tuple[str, torch.Tensor, GgufGrid | None]:
-    """The llama.cpp type for a module on layerwise's integer grid, its codes on that type, and the grid;
-    the grid is None when the weight must be quantized again (not exact)."""
+def _grid_for_int(w: ExportedWeight) -> tuple[str, torch.Tensor, GgufGrid | None, bool]:
+    """The llama.cpp type for a module on layerwise's integer grid, its codes on that type, the grid, and
+    whether the type holds the weight exactly; the grid is None when the weight must be quantized again.
+
+    Our weight is ``(q - z) * s`` per group. Symmetric (z = 2**(b-1)) is q4_0's / q8_0's ``d * c`` with
+    ``c = q - z``: exact. Asymmetric up to 4 bits is q4_1's ``d * q + m`` with ``d = s`` and ``m = -z * s``
+    rounded to fp16 (q4_1 stores m in fp16; the product of an fp16 scale and a zero point needs up to 15
+    significant bits), so it is exact where that product is an fp16 number and off by m's rounding elsewhere.
+    """
     bits, width = w.spec.bits, w.width
-    whole_blocks = width % 32 == 0 and w.in_features % 32 == 0
-    if w.spec.sym and whole_blocks and bits in (2, 3, 4, 8):
-        name = "q8_0" if bits == 8 else "q4_0"
-        kind = GGUF_TYPES[name]
-        scales = w.scales.repeat_interleave(width // 32, dim=1)[:, : w.in_features // 32]
+    if width % 32 or w.in_features % 32 or (bits == 8 and not w.spec.sym):
+        return ("q8_0" if bits == 8 else "q4_1"), torch.empty(0), None, False
+    blocks = w.in_features // 32
+
+    def per_block(groups: torch.Tensor) -> torch.Tensor:
+        return groups.repeat_interleave(width // 32, dim=1)[:, :blocks].to(torch.float32)
+
+    scales, zeros = per_block(w.scales), per_block(w.zeros)
+    if w.spec.sym:
+        kind = GGUF_TYPES["q8_0" if bits == 8 else "q4_0"]
         grid = GgufGrid(kind, scales, torch.zeros_like(scales), scales)
-        return name, (w.codes - w.zeros[:, :1]).to(torch.int32), grid
-    return ("q8_0" if bits == 8 else "q4_1"), torch.empty(0), None
+        return kind.name, (w.codes - w.zeros[:, :1]).to(torch.int32), grid, True
+    exact_min = -(zeros * scales)
+    mins = exact_min.to(torch.float16).to(torch.float32)
+    grid = GgufGrid(GGUF_TYPES["q4_1"], scales, mins, scales, dmin=mins)
+    return "q4_1", w.codes.to(torch.int32), grid, bool(torch.equal(mins, exact_min))
 
 
 def module_blocks(module: QuantLinear, w: ExportedWeight | None) -> tuple[str, np.ndarray, bool]:
@@ -81,9 +96,9 @@ def module_blocks(module: QuantLinear, w: ExportedWeight | None) -> tuple[str, n
     if w is None:
         assert module.gguf is not None
         return module.gguf, module.qweight.cpu().numpy(), True
-    kind_name, codes, grid = _grid_for_int(w)
+    kind_name, codes, grid, exact = _grid_for_int(w)
     if grid is not None:
-        return kind_name, pack_blocks(grid, codes).numpy(), True
+        return kind_name, pack_blocks(grid, codes).numpy(), exact
     weight = module.dequantize(torch.float32)
     regrid = gguf_grid(weight, GGUF_TYPES[kind_name])
     return kind_name, pack_blocks(regrid, regrid.codes(weight)).numpy(), False
@@ -116,8 +131,9 @@ class GgufExporter(Exporter):
         said = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         again = summary["requantized"]
         if again:
-            said += (f"; {len(again)} modules on layerwise's integer grid were quantized again to llama.cpp types "
-                     "(not exact: compress with --target gguf for an exact export)")
+            said += (f"; {len(again)} modules on layerwise's integer grid are not exactly a llama.cpp type (their "
+                     "q4_1 min is rounded to fp16, or they were quantized again): compress with --target gguf "
+                     "for an exact export")
         return f"tensors: {said}"
 
 

@@ -81,14 +81,22 @@ def test_integer_grids_map_exactly_where_a_llama_cpp_type_holds_them(tmp_path, c
     export_checkpoint(path, tmp_path / "m.gguf", "gguf", gguf_embeddings="f32")
     assert tensor_types(tmp_path / "m.gguf")["blk.0.ffn_gate.weight"] == "Q4_0"
     assert tensor_types(tmp_path / "m.gguf")["blk.1.ffn_gate.weight"] == "Q8_0"
-    assert "quantized again" not in capsys.readouterr().err
+    assert "not exactly a llama.cpp type" not in capsys.readouterr().err
     assert relative_difference(gguf_logits(tmp_path), layerwise_logits(path, IDS)) < 1e-6
 
     plan.layers[2] = LayerAction(2, "quantize", 3, 64, "gptq")
     path = saved(tmp_path, wide_model("llama"), plan, name="asym")
     export_checkpoint(path, tmp_path / "again.gguf", "gguf")
     assert tensor_types(tmp_path / "again.gguf")["blk.2.ffn_up.weight"] == "Q4_1"
-    assert "7 modules on layerwise's integer grid were quantized again" in capsys.readouterr().err
+    assert "modules on layerwise's integer grid are not exactly a llama.cpp type" in capsys.readouterr().err
+    # Asymmetric 3-bit keeps its codes and scales in q4_1; only the min (-zero * scale) is rounded to fp16.
+    deq = layerwise.load(path).model.model.layers[2].mlp.up_proj.dequantize()
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensor = next(t for t in GGUFReader(str(tmp_path / "again.gguf")).tensors if t.name == "blk.2.ffn_up.weight")
+    written = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).reshape(deq.shape)
+    assert (written - deq).abs().max() <= 2**-11 * deq.abs().max()
 
 
 def test_k_quants_fall_back_where_rows_are_not_whole_super_blocks(tmp_path):
