@@ -19,7 +19,7 @@ from layerwise.core.errors import LayerwiseError, write_error
 from layerwise.core.gguf_types import FALLBACKS, GGUF_TYPES, fitted_gguf_type, gguf_type
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SCALE_BITS = 16  # scales and zeros are stored as fp16
+SCALE_BITS = 16  # scales are stored as fp16 (asymmetric zero points at the code width, packed)
 # The bitsandbytes formats (layerwise.quant.bnb) fix their code width and keep fp32 absmax scales.
 BNB_BITS = {"nf4": 4, "int8": 8}
 BNB_SCALE_BITS = 32
