@@ -46,7 +46,7 @@ class GgufGrid:
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest codes of `weight` (rows, K) on this grid, int32 in [cmin, cmax] (round to nearest)."""
         scale, offset = self.expand(0, weight.shape[1])
-        return nearest_codes(weight, scale, offset, self.kind)
+        return nearest_codes(weight, scale, offset, self.kind.cmin, self.kind.cmax).to(torch.int32)
 
     def expand(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, stop - start) scale and offset of columns start..stop."""
@@ -59,10 +59,12 @@ class GgufGrid:
         return scale * codes.to(torch.float32) + offset
 
 
-def nearest_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, kind: GgufType) -> torch.Tensor:
-    """``clamp(round((w - offset) / scale), cmin, cmax)``; a zero scale (an all-zero sub-block) gives code 0."""
-    ratio = torch.where(scale == 0, torch.zeros_like(w), (w - offset) / torch.where(scale == 0, 1.0, scale))
-    return ratio.round_().clamp_(kind.cmin, kind.cmax).to(torch.int32)
+def nearest_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, low: float | torch.Tensor,
+                  high: float | torch.Tensor) -> torch.Tensor:
+    """``clamp(round((w - offset) / scale), low, high)`` as float32 (integers); a zero scale (an all-zero
+    sub-block) gives code 0. The bounds are numbers or tensors that broadcast (GPTQ's per-row code ranges)."""
+    ratio = torch.where(scale == 0, 0.0, (w - offset) / torch.where(scale == 0, 1.0, scale))
+    return torch.clamp(ratio.round_(), low, high)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +163,7 @@ def _pack_k(kind: GgufType, grid: GgufGrid, u: np.ndarray, rows: int, n: int) ->
         qs = _two_bit_planes(u & 3)
         # The high bit of element i (h = i // 128, j = (i % 128) // 32, l = i % 32) is bit 4h + j of hmask[l].
         high = ((u >> 2) & 1).reshape(rows, n, 8, 32)  # plane 4h + j, position l
-        hmask = np.zeros((rows, n, 32), dtype=np.uint8)
-        for plane in range(8):
-            hmask |= (high[:, :, plane, :] << plane).astype(np.uint8)
-        return np.concatenate([hmask, qs, _q3_scales(sc + 32), _f16_bytes(grid.d)], axis=-1)
+        return np.concatenate([_bit_planes(high), qs, _q3_scales(sc + 32), _f16_bytes(grid.d)], axis=-1)
     if kind.name in ("q4_k", "q5_k"):
         assert grid.m is not None and grid.dmin is not None
         scales = _k4_scales(sc, grid.m.cpu().numpy().astype(np.int32))
@@ -172,11 +171,7 @@ def _pack_k(kind: GgufType, grid: GgufGrid, u: np.ndarray, rows: int, n: int) ->
         qs = _nibbles(chunks[:, :, :, 0, :], chunks[:, :, :, 1, :]).reshape(rows, n, 128)
         parts = [_f16_bytes(grid.d), _f16_bytes(grid.dmin), scales]
         if kind.name == "q5_k":  # bit 4 of element i is bit i // 32 of qh[i % 32]
-            high = ((u >> 4) & 1).reshape(rows, n, 8, 32)
-            qh = np.zeros((rows, n, 32), dtype=np.uint8)
-            for plane in range(8):
-                qh |= (high[:, :, plane, :] << plane).astype(np.uint8)
-            parts.append(qh)
+            parts.append(_bit_planes(((u >> 4) & 1).reshape(rows, n, 8, 32)))
         return np.concatenate([*parts, qs], axis=-1)
     # q6_k: h = i // 128, k = (i % 128) // 32, l = i % 32; low 4 bits in ql[64h + l + 32(k & 1)] (low nibble
     # for k < 2, high otherwise), high 2 bits at bits 2k of qh[32h + l].
@@ -189,6 +184,14 @@ def _pack_k(kind: GgufType, grid: GgufGrid, u: np.ndarray, rows: int, n: int) ->
          | ((halves[:, :, h, 3] >> 4) << 6)).astype(np.uint8) for h in (0, 1)], axis=-1)
     scales = sc.astype(np.int8).view(np.uint8)
     return np.concatenate([ql, qh, scales, _f16_bytes(grid.d)], axis=-1)
+
+
+def _bit_planes(bits: np.ndarray) -> np.ndarray:
+    """One bit of 256 elements, given as 8 planes of 32 (rows, blocks, 8, 32), into 32 bytes: plane p at bit p."""
+    out = np.zeros(bits.shape[:2] + (32,), dtype=np.uint8)
+    for plane in range(8):
+        out |= (bits[:, :, plane, :] << plane).astype(np.uint8)
+    return out
 
 
 def _two_bit_planes(q2: np.ndarray) -> np.ndarray:

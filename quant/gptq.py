@@ -41,7 +41,7 @@ from layerwise.core.bitstream import PackFormat, pack, pack_zeros, row_chunks
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.gguf_types import GGUF_TYPES
 from layerwise.core.types import QuantSpec
-from layerwise.quant.gguf_grid import gguf_grid, pack_blocks
+from layerwise.quant.gguf_grid import gguf_grid, nearest_codes, pack_blocks
 from layerwise.quant.grid import grid_params, grouped_params
 from layerwise.quant.hessian import AsymmetricHessian, SharedInputHessians
 from layerwise.quant.quantized import QuantizedWeight, all_finite, check_weight
@@ -246,8 +246,7 @@ def _quantize_columns(
                 scale, zero = scales[:, group], zeros[:, group]
             w = block[:, i]
             if column_params is not None and column_params.affine:  # a GGUF grid: zero is the offset
-                ratio = torch.where(scale == 0, 0.0, (w - zero) / torch.where(scale == 0, 1.0, scale))
-                q = torch.maximum(torch.minimum(ratio.round_(), column_params.high), column_params.low)
+                q = nearest_codes(w, scale, zero, column_params.low, column_params.high)
                 codes[:, col] = q
                 error = w.sub(scale * q + zero).div_(diagonal[col])
             else:

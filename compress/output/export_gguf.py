@@ -144,28 +144,15 @@ def write_gguf(ckpt: Checkpoint, path: Path, settings: ExportSettings) -> dict[s
     config = ckpt.model.config
     arch, permuted = ARCHITECTURES[config.model_type]
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(str(ckpt.meta.get("model", "layerwise export")))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
-                                    (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config.vocab_size)
+    _add_hyperparameters(writer, config, n_head, n_kv)
     if ckpt.tokenizer is not None:
         _add_tokenizer(writer, ckpt.tokenizer, config.vocab_size)
     summary: dict[str, Any] = {"types": {}, "requantized": []}
     modules = {name: m for name, m in ckpt.model.named_modules() if isinstance(m, QuantLinear)}
     exported = {w.name: w for w in quantized_weights(ckpt.model)}
-    state = {k: v for k, v in ckpt.model.state_dict().items()}
+    state = ckpt.model.state_dict()
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     def add(name: str, array: np.ndarray, raw: str | None = None) -> None:
@@ -219,6 +206,24 @@ def write_gguf(ckpt: Checkpoint, path: Path, settings: ExportSettings) -> dict[s
     writer.write_tensors_to_file()
     writer.close()
     return summary
+
+
+def _add_hyperparameters(writer: Any, config: Any, n_head: int, n_kv: int) -> None:
+    """The architecture's metadata llama.cpp reads (``load_hparams``): sizes, heads, norm epsilon, rope."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
+                                    (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
