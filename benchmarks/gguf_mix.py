@@ -1,6 +1,7 @@
 """llama.cpp's own Q3_K_M type choice against a measured allocation of the same size, same quantizer.
 
-    python benchmarks/gguf_mix.py [--method gptaq] [--out benchmarks/results/gguf_mix] [--only rules,measured]
+    python benchmarks/gguf_mix.py [--method gptaq] [--out benchmarks/results/gguf_mix]
+                                  [--only rules,measured,measured-module]
 
 Rows, each on the default model (SmolLM2-135M-Instruct, fp32, CPU), evaluated like ``layerwise eval``
 (``wiki-16k-w1024``), each exported with ``layerwise export --format gguf`` (embedding q8_0, as llama.cpp
@@ -14,7 +15,9 @@ again inside llama.cpp on the same token windows:
             on this model is every module but ffn_down. Quantized with `--method` (GPTAQ, layerwise's default)
             through ``layerwise.apply``.
   measured  ``layerwise.compress(bits=<rules' bits>, target="gguf", options=OPTIONS)``: measured damage per
-            layer and option, the optimal planner, the same method.
+            layer and option, the optimal planner, the same method: one type per layer.
+  measured-module  the same with ``granularity="module"``: damage measured per linear module and option, one
+            type per tensor, as llama.cpp's rules give.
 
 The target (issue 15): the measured allocation's perplexity is lower than the rules' at the same size.
 """
@@ -60,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="gptaq")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gguf_mix"))
-    parser.add_argument("--only", default="rules,measured")
+    parser.add_argument("--only", default="rules,measured,measured-module")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from layerwise.eval.perplexity import DEFAULT_PROTOCOL
@@ -77,16 +80,19 @@ def main() -> None:
         if row == "rules":
             result = layerwise.apply(model, rules, args.method, tokenizer=tokenizer, progress=True)
         else:
+            granularity = "module" if row == "measured-module" else "layer"
             result = layerwise.compress(model, bits, target="gguf", options=OPTIONS, method=args.method,
-                                        tokenizer=tokenizer, progress=True)
+                                        granularity=granularity, tokenizer=tokenizer, progress=True)
         seconds = time.perf_counter() - start
         layerwise.save(result, ckpt, overwrite=True)
         ppl = perplexity(result.model, tokenizer, progress=False).perplexity
         gguf_path = args.out / f"{row}.gguf"
         export_checkpoint(ckpt, gguf_path, "gguf", overwrite=True)
         record = {
-            "row": row, "method": args.method, "target_bits": bits, "avg_bits": round(result.report.avg_bits, 4),
+            "row": row, "granularity": result.plan.made_by.get("granularity", "layer"), "method": args.method,
+            "target_bits": bits, "avg_bits": round(result.report.avg_bits, 4),
             "perplexity": round(ppl, 3), "protocol": DEFAULT_PROTOCOL.name, "seconds": round(seconds, 1),
+            "phase_seconds": result.report.metrics.get("phase_seconds"),
             "gguf_file_mb": round(gguf_path.stat().st_size / 1e6, 2),
             "types": {a.layer: (a.gguf, {n: s.gguf for n, s in a.overrides.items()}) for a in result.plan.layers},
             "group_fits": result.report.group_fits,

@@ -11,7 +11,11 @@ each layer and picks the least damaging mix that fits `bits`: the lowest perplex
 (docs/RESULTS.md). `planner` defaults to `optimal` for scorers that measure damage per option, else
 to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer at b bits, `group_size`
 (default 128). The planner arguments (`group_size`, `high`, `low`, `sym`, `order`, `seed`, `n_low`,
-`options`) left at None are not given: the planner uses its own defaults, and refuses one it does not take.
+`options`, `granularity`) left at None are not given: the planner uses its own defaults, and refuses one it
+does not take. `granularity` says what gets one option each: ``"layer"`` (default: one option per decoder
+layer), ``"module"`` (each linear module, its damage measured alone: one layer run per module and option
+instead of per option) or ``"fused"`` (modules, with vLLM's fused q/k/v and gate/up sets as one unit; a
+``target="vllm"`` run turns ``"module"`` into this).
 
 Structure (layerwise.planning.structure): `prune` layers (chosen by `prune_scorer`, default
 `DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop
@@ -86,6 +90,7 @@ def score(
     calib_len: int = DEFAULT_CALIB_LEN,
     options: str | list[str] | None = None,
     method: str = "rtn",
+    granularity: str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -93,7 +98,8 @@ def score(
     """Score every decoder layer with `scorer` (see `layerwise.importance.SCORERS`).
 
     `calib` is a built-in corpus name, a text file, or token windows (a LongTensor [n, length]).
-    `options` and `method` go to scorers that measure quantization options (`sensitivity`).
+    `options`, `method` and `granularity` (``layer``, ``module`` or ``fused``: what one damage measurement
+    covers) go to scorers that measure quantization options (`sensitivity`).
     `device` and `dtype`: where the layers run, as for `compress`.
     """
     check_numbers(calib_windows=calib_windows, calib_len=calib_len)
@@ -103,7 +109,7 @@ def score(
     windows, summary = None, None
     if scorer_cls.needs_activations:
         windows, summary = calibration(source.tokenizer, calib, calib_windows, calib_len, f"scorer {scorer!r}")
-    offered = {"options": options, "method": method}
+    offered = {"options": options, "method": method, "granularity": granularity}
     kwargs = {k: v for k, v in offered.items() if k in scorer_cls.parameters() and v is not None}
     return score_model(source.model, [scorer], windows, model_name=source.name, calibration=summary,
                        scorer_options={scorer: kwargs}, progress=progress, placement=placement)[scorer]
@@ -162,6 +168,7 @@ def compress(
     seed: int | None = None,
     n_low: int | None = None,
     options: str | list[str] | None = None,
+    granularity: str | None = None,
     uniform: int | None = None,
     prune: int = 0,
     prune_block: bool = False,
@@ -207,7 +214,7 @@ def compress(
         check_not_inside(out, [model_or_path])
     recipe = Recipe.build(
         bits=bits, uniform=uniform, scorer=scorer, planner=planner, method=method, group_size=group_size,
-        high=high, low=low, sym=sym, order=order, seed=seed, n_low=n_low, options=options,
+        high=high, low=low, sym=sym, order=order, seed=seed, n_low=n_low, options=options, granularity=granularity,
         structure=StructureConfig(prune, prune_block, drop_attn, drop_mlp, tie, tie_mode), prune_scorer=prune_scorer,
         calibration=Calibration(calib if isinstance(calib, str) else TOKEN_WINDOWS, calib_windows, calib_len),
         device=_name(device) or "auto", dtype=_name(dtype), grid=grid, rotate=rotate, rotate_seed=rotate_seed,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from layerwise.core.errors import LayerwiseError
-from layerwise.core.types import DEFAULT_GRID, GRIDS
+from layerwise.core.types import DEFAULT_GRID, GRANULARITIES, GRIDS
 from layerwise.core.validate import parse_number
 from layerwise.data.corpora import DEFAULT_CALIB_LEN, DEFAULT_CALIB_WINDOWS
 from layerwise.engine.recipe import DEFAULT_METHOD
@@ -60,6 +60,10 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=_number("calib_len"), default=DEFAULT_CALIB_LEN,
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_LEN})")
 
+GRANULARITY_HELP = ("what gets one option each: a decoder layer, each linear module (module), or each module with "
+                    "vLLM's fused q/k/v and gate/up sets together (fused; --target vllm turns module into fused). "
+                    "Finer units run one damage measurement per unit")
+
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_number("bits"), default=None,
@@ -88,6 +92,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", default=None,
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
+    p.add_argument("--granularity", default=None, choices=list(GRANULARITIES),
+                   help=GRANULARITY_HELP + " (default: layer for compress; as the scores were measured for plan)")
 
 
 def _add_grid(p: argparse.ArgumentParser) -> None:
@@ -198,6 +204,8 @@ def _add_score_parser(p: argparse.ArgumentParser) -> None:
                    help="options the sensitivity scorer measures, bits:group[:method[:sym]] comma-separated "
                         f"(default {DEFAULT_OPTIONS})")
     p.add_argument("--method", default="rtn", help="method of options that name none (sensitivity scorer)")
+    p.add_argument("--granularity", default=None, choices=list(GRANULARITIES),
+                   help=GRANULARITY_HELP + " (sensitivity scorer; default layer)")
     _add_calib(p)
     _add_placement(p)
     _add_output(p, "--json", "where to write the scores JSON")
@@ -368,8 +376,8 @@ def _run_score(args: argparse.Namespace, progress: bool) -> None:
     check_not_inside(args.json, [args.model])
     _check_json_out(args.json, args.overwrite)
     scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
-                       calib_len=args.calib_len, options=args.options, method=args.method, progress=progress,
-                       **placement)
+                       calib_len=args.calib_len, options=args.options, method=args.method,
+                       granularity=args.granularity, progress=progress, **placement)
     scores.save(args.json)
     for i, value in enumerate(scores.scores):
         print(f"layer {i:3d}  {args.scorer} {value: .6f}")
@@ -386,7 +394,7 @@ def _run_plan(args: argparse.Namespace, progress: bool) -> None:
     scores = LayerScores.load(args.scores)
     plan = api.make_plan(scores, args.bits, planner=args.planner, high=args.high, low=args.low,
                          group_size=args.group_size, sym=args.sym, method=args.method, order=args.order,
-                         seed=args.seed, n_low=args.n_low, options=args.options)
+                         seed=args.seed, n_low=args.n_low, options=args.options, granularity=args.granularity)
     plan.save(args.out)
     bits = ", ".join(f"{b}" for b in plan.bits_per_layer())
     print(f"bits per layer: {bits}\naverage bits (incl. overhead): {plan.avg_bits:.4f}\nwrote {args.out}")
@@ -460,7 +468,8 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
     # Planner settings left unset are None: "not given" (a planner refuses a setting it does not take).
     return dict(bits=bits, scorer=scorer or "sensitivity", planner=args.planner, method=args.method,
                 group_size=args.group_size, high=args.high, low=args.low, sym=args.sym, order=args.order,
-                seed=args.seed, n_low=args.n_low, options=args.options, uniform=args.uniform, prune=args.prune,
+                seed=args.seed, n_low=args.n_low, options=args.options, granularity=args.granularity,
+                uniform=args.uniform, prune=args.prune,
                 prune_block=args.prune_block, prune_scorer=prune_scorer, drop_attn=args.drop_attn,
                 drop_mlp=args.drop_mlp, tie=args.tie, tie_mode=args.tie_mode, calib=args.calib,
                 calib_windows=args.calib_windows, calib_len=args.calib_len, stream=args.stream, resume=args.resume,

@@ -17,7 +17,7 @@ from layerwise.model.placement import Placement, oom_as_error
 
 # The optional outputs a scorer may provide beyond "scores": each a `LayerScorer` method and a
 # `LayerScores` field of the same name.
-SCORE_OUTPUTS = ("module_scores", "option_damage", "block_distance", "tie_damage")
+SCORE_OUTPUTS = ("module_scores", "option_damage", "block_distance", "tie_damage", "module_damage")
 
 
 class LayerScorer:
@@ -82,6 +82,10 @@ class LayerScorer:
     def option_damage(self) -> dict[str, list[float]]:
         """Optional measured damage per quantization option (key: QuantSpec.option()) and layer."""
         return {}
+
+    def module_damage(self) -> list[dict[str, dict[str, float]]]:
+        """Optional measured damage per layer, unit of modules (`layerwise.core.types.module_units`) and option."""
+        return []
 
     def block_distance(self) -> dict[str, list[float]]:
         """Optional distance between the hidden states entering layers l and l + n (key: str(n))."""

@@ -38,6 +38,11 @@ MLP_MODULE_NAMES = ("mlp", "fc1", "fc2")
 
 # (out_features, in_features) of each linear module in one decoder layer, keyed by its name in the layer.
 LinearShapes = dict[str, tuple[int, int]]
+# What one measured damage (and one planned option) covers: a whole decoder layer, each linear module on its
+# own, or each module with vLLM's fused sets (FUSED_SETS) taken together, as vLLM needs one scheme per set.
+GRANULARITIES = ("layer", "module", "fused")
+# Modules vLLM fuses into one layer (one scheme for all parts): attention's q/k/v and the MLP's gate/up.
+FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,36 @@ def sublayer_of(module_name: str) -> str | None:
     return None
 
 
+def check_granularity(granularity: object) -> None:
+    """Refuse a granularity that is not one of `GRANULARITIES`, in one line naming them."""
+    if granularity not in GRANULARITIES:
+        raise LayerwiseError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+
+
+def module_units(names: list[str], granularity: str) -> list[tuple[str, ...]]:
+    """The linear modules of one decoder layer (`names`), grouped into the units that get one option each.
+
+    ``layer``: one unit of all of them. ``module``: one unit per module. ``fused``: one per module, except
+    that the parts of a fused set under one parent (``self_attn.q_proj``/``k_proj``/``v_proj``) form one unit.
+    Units keep the order of `names`, each at the place of its first module.
+    """
+    check_granularity(granularity)
+    if granularity == "layer":
+        return [tuple(names)]
+    units: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        fused = next((s for s in FUSED_SETS if leaf in s), None) if granularity == "fused" else None
+        key = f"{parent}.{fused[0]}" if fused is not None else name
+        units.setdefault(key, []).append(name)
+    return [tuple(unit) for unit in units.values()]
+
+
+def unit_name(unit: tuple[str, ...]) -> str:
+    """How a unit of `module_units` is keyed in `LayerScores.module_damage`: its modules joined by ``+``."""
+    return "+".join(unit)
+
+
 def parse_options(text: str | list[str], default_method: str = "rtn", default_group_size: int = 128) -> list[QuantSpec]:
     """A comma-separated option list (or a list of option strings) as QuantSpecs, duplicates removed."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -383,6 +418,10 @@ class LayerScores:
     # Measured damage of running layer j with the weights of layer j - d (tying j to j - d), keyed by
     # str(d), one value per layer j (NaN where j - d < 0); the tie planner reads it.
     tie_damage: dict[str, list[float]] = field(default_factory=dict)
+    # Per layer, the measured damage of quantizing one unit of its modules alone (`module_units` at a
+    # granularity finer than the layer; key: `unit_name`) with each option (key: QuantSpec.option()), when the
+    # scorer measured it; the `optimal` planner then chooses an option per unit. Empty when not measured.
+    module_damage: list[dict[str, dict[str, float]]] = field(default_factory=list)
     seconds: float = 0.0
     version: int = 1
 
@@ -392,6 +431,9 @@ class LayerScores:
                 f"scores has {len(self.scores)} layers but linear_shapes has {len(self.linear_shapes)}"
             )
         self.linear_shapes = [{k: (int(v[0]), int(v[1])) for k, v in s.items()} for s in self.linear_shapes]
+        if self.module_damage and len(self.module_damage) != len(self.scores):
+            raise LayerwiseError(
+                f"scores has {len(self.scores)} layers but module_damage has {len(self.module_damage)}")
 
     @property
     def n_layers(self) -> int:
@@ -413,7 +455,8 @@ class LayerScores:
             linear_shapes=linear_shapes if linear_shapes is not None else [self.linear_shapes[i] for i in layers],
             model=self.model, calibration=self.calibration,
             module_scores={k: pick(v) for k, v in self.module_scores.items()},
-            option_damage={k: pick(v) for k, v in self.option_damage.items()}, seconds=self.seconds,
+            option_damage={k: pick(v) for k, v in self.option_damage.items()},
+            module_damage=pick(self.module_damage) if self.module_damage else [], seconds=self.seconds,
         )
 
     def to_dict(self) -> dict[str, Any]:

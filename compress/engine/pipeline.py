@@ -27,7 +27,7 @@ from torch import nn
 from layerwise.core.budget import average_bits, n_weights
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.progress import PhaseClock
-from layerwise.core.types import LayerAction, LayerScores, LinearShapes, Plan, parse_options
+from layerwise.core.types import LayerAction, LayerScores, LinearShapes, Plan, module_units, parse_options, unit_name
 from layerwise.data.corpora import calibration_windows
 from layerwise.engine.applier import (
     apply_plan,
@@ -109,6 +109,8 @@ def resolve(recipe: Recipe) -> Recipe:
     resolved = replace(recipe, planner=planner)
     if "options" in planner_cls.arguments() and recipe.arg("options") is None:
         resolved = resolved.with_args(options=GGUF_OPTIONS if recipe.target == "gguf" else DEFAULT_OPTIONS)
+    if recipe.target == "vllm" and recipe.arg("granularity") == "module":
+        resolved = resolved.with_args(granularity="fused")  # vLLM runs one scheme per fused q/k/v and gate/up
     check_target_options(resolved)
     return resolved
 
@@ -284,8 +286,13 @@ def _budget_dry_run(state: _Run) -> None:
         return
     zeros = [0.0] * len(state.shapes)
     options = recipe.arg("options")
-    damage = {o.option(): zeros for o in parse_options(options, recipe.method)} if options else {}
-    _make_plan(recipe, LayerScores("budget-check", zeros, state.shapes, option_damage=damage), recipe.bits)
+    labels = [o.option() for o in parse_options(options, recipe.method)] if options else []
+    granularity = recipe.arg("granularity", "layer")
+    units = [{unit_name(u): dict.fromkeys(labels, 0.0) for u in module_units(list(s), granularity)}
+             for s in state.shapes] if granularity != "layer" else []
+    scores = LayerScores("budget-check", zeros, state.shapes, option_damage=dict.fromkeys(labels, zeros),
+                         module_damage=units)
+    _make_plan(recipe, scores, recipe.bits)
 
 
 def _make_plan(recipe: Recipe, scores: LayerScores, bits: float | None) -> Plan:
@@ -366,7 +373,7 @@ def _score(state: _Run, progress: bool) -> LayerScores:
     """Score the layers left after restructuring with the recipe's scorer."""
     recipe = state.recipe
     scorer_cls = SCORERS.get(recipe.scorer)
-    offered = {"options": recipe.arg("options"), "method": recipe.method}
+    offered = {"options": recipe.arg("options"), "method": recipe.method, "granularity": recipe.arg("granularity")}
     kwargs = {k: v for k, v in offered.items() if k in scorer_cls.parameters() and v is not None}
     windows = state.windows if scorer_cls.needs_activations else None
     return score_model(state.source.model, [recipe.scorer], windows, model_name=state.source.name,

@@ -29,7 +29,7 @@ DEFAULT_SCORER = "sensitivity"
 DEFAULT_METHOD = "gptaq"
 DEFAULT_GROUP_SIZE = 128
 # Planner arguments a recipe may carry; each planner's Config says which of them it takes.
-PLANNER_ARGS = ("high", "low", "group_size", "sym", "order", "seed", "n_low", "options")
+PLANNER_ARGS = ("high", "low", "group_size", "sym", "order", "seed", "n_low", "options", "granularity")
 TOKEN_WINDOWS = "<token windows>"
 
 

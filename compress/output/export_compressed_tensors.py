@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from layerwise.core.bitstream import pack, pack_zeros
-from layerwise.core.types import fitted_group_size
+from layerwise.core.types import FUSED_SETS, fitted_group_size
 from layerwise.output.checkpoint import Checkpoint
 from layerwise.output.export_common import (
     EXPORTERS,
@@ -54,8 +54,6 @@ from layerwise.output.export_common import (
 )
 
 FORMAT = "pack-quantized"
-# Modules vLLM fuses into one layer (one scheme for all parts): attention's q/k/v and the MLP's gate/up.
-FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DEFAULT_SETTINGS = ExportSettings()
 
 
@@ -126,7 +124,8 @@ def vllm_problems(weights: list[ExportedWeight], settings: ExportSettings) -> li
     if mixed:
         problems.append(Problem(
             "vLLM fuses q/k/v and gate/up into one layer with one scheme, and these parts differ",
-            "Compress again with one spec per layer (no --plan overrides that split a fused set).", tuple(mixed)))
+            "Compress again with one spec per fused set (--granularity layer or fused, no --plan overrides that "
+            "split one).", tuple(mixed)))
     if unsplittable:
         problems.append(Problem(
             "vLLM splits a fused layer's packed zero points at whole words, and these outputs times bits are not "

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from layerwise.core.budget import KEEP_BITS, group_fits, layer_bits, n_weights
-from layerwise.core.types import LayerAction, LayerOutcome, LayerScores, LinearShapes, Plan
+from layerwise.core.types import LayerAction, LayerOutcome, LayerScores, LinearShapes, Plan, QuantSpec
 from layerwise.model.adapter import decoder_layers, linear_modules
 
 
@@ -83,6 +83,12 @@ def _note(action: LayerAction) -> str:
         return f"tied to {action.tie_to}"
     notes = [f"GGUF {action.gguf}"] if action.gguf else []
     notes += [f"{' and '.join(action.drop)} dropped"] if action.drop else []
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for name, spec in action.overrides.items():
+        by_spec.setdefault(spec, []).append(name.rsplit(".", 1)[-1])
+    for spec, names in by_spec.items():
+        what = spec.gguf or f"{spec.bits}b g{spec.group_size}{' sym' if spec.sym else ''}"
+        notes.append(f"{'/'.join(names)} {what}")
     return ", ".join(notes)
 
 

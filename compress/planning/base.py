@@ -21,6 +21,7 @@ from layerwise.core.types import LayerScores, Plan, QuantSpec, parse_options
 _PROVIDED = {
     "scores": "a score per layer",
     "option_damage": "measured damage per option",
+    "module_damage": "measured damage per module and option",
     "block_distance": "distances between layers",
     "tie_damage": "measured damage of tying layers",
     "module_scores": "scores per module",

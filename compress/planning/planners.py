@@ -143,13 +143,15 @@ def make_plan(
     seed: int | None = None,
     n_low: int | None = None,
     options: str | list[str] | None = None,
+    granularity: str | None = None,
 ) -> Plan:
     """Turn scores and a budget (average bits per decoder weight, overhead included) into a plan.
 
     `lwq` takes `high`, `low`, `group_size`, `sym`, `method`, `order`, `seed`, `n_low` (defaults: its
     `LwqConfig`); `optimal` takes `options` (e.g. ``"2:128,3:128,4:128,8:128"``; default: every option the
-    scores measured) and `method` (the method of options that name none). None means "not given": the
-    planner's default applies, and an argument given to a planner that does not take it is refused.
+    scores measured), `method` (the method of options that name none) and `granularity` (what gets one option
+    each: ``layer``, ``module`` or ``fused``; default: as finely as the scores were measured). None means "not
+    given": the planner's default applies, and an argument given to a planner that does not take it is refused.
     `planner` defaults to `optimal` when the scores carry measured damage per option, else `lwq`.
     """
     from layerwise.core.validate import check_numbers
@@ -161,6 +163,6 @@ def make_plan(
 
         QUANTIZERS.get(method)
     values = dict(bits=bits, high=high, low=low, group_size=group_size, sym=sym, method=method, order=order,
-                  seed=seed, n_low=n_low, options=options)
+                  seed=seed, n_low=n_low, options=options, granularity=granularity)
     config = planner_config(planner_cls, **{k: v for k, v in values.items() if v is not None})
     return planner_cls().plan(scores, config)

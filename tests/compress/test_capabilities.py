@@ -46,7 +46,7 @@ def test_optimal_refuses_lwq_settings_in_one_line():
         make_plan(measured_scores(), 4.5, planner="optimal", high=8)
     message = str(info.value)
     assert "\n" not in message
-    assert "'optimal'" in message and "high" in message and "bits, options, method" in message
+    assert "'optimal'" in message and "high" in message and "bits, options, granularity, method" in message
 
 
 @pytest.mark.parametrize("given", [dict(low=2), dict(group_size=128), dict(sym=False), dict(order="reverse"),

@@ -24,6 +24,31 @@ def scores_file(tiny_model_dir, tmp_path_factory):
     return path
 
 
+def test_score_and_plan_per_module(tiny_model_dir, tmp_path, capsys):
+    """`score --granularity module` measures every linear alone; `plan` then gives each its option (overrides
+    in the plan JSON), or one per fused set with --granularity fused."""
+    scores = tmp_path / "s.json"
+    code, _, _ = run("score", tiny_model_dir, "--scorer", "sensitivity", "--options", "2:32,8:32", "--granularity",
+                     "module", "--json", scores, *CALIB, capsys=capsys)
+    assert code == 0
+    measured = json.loads(scores.read_text())["module_damage"]
+    assert len(measured) == 4 and "self_attn.v_proj" in measured[0]
+    for granularity in ("module", "fused"):
+        plan = tmp_path / f"{granularity}.json"
+        code, out, _ = run("plan", "--scores", scores, "--bits", 5.0, "--granularity", granularity, "--out", plan,
+                           capsys=capsys)
+        made = json.loads(plan.read_text())
+        assert code == 0 and made["made_by"]["granularity"] == granularity
+        assert any(a.get("overrides") for a in made["layers"])
+        if granularity == "fused":
+            for action in made["layers"]:
+                bits = {p: action.get("overrides", {}).get(f"self_attn.{p}_proj", action)["bits"] for p in "qkv"}
+                assert len(set(bits.values())) == 1
+    with pytest.raises(SystemExit):
+        run("plan", "--scores", scores, "--bits", 5.0, "--granularity", "rows", "--out", plan, capsys=capsys)
+    assert "invalid choice: 'rows' (choose from 'layer', 'module', 'fused')" in capsys.readouterr().err
+
+
 def test_score_plan_apply_eval(tiny_model_dir, scores_file, tmp_path, capsys):
     scores = json.loads(scores_file.read_text())
     assert scores["scorer"] == "lim" and len(scores["scores"]) == 4

@@ -117,6 +117,20 @@ def test_compressed_tensors_stores_what_the_budget_counts(tmp_path):
             assert nbytes == module.storage_bits() // 8 + 16, name
 
 
+def test_vllm_target_plans_fused_sets_together(tmp_path):
+    """`target="vllm"` with `granularity="module"` measures and plans q/k/v and gate/up as one unit each, so the
+    checkpoint exports for vLLM, while o_proj and down_proj get options of their own."""
+    result = layerwise.compress(tiny("llama", 3), 4.0, options="2:32,4:32,8:32", target="vllm", granularity="module",
+                                method="gptq", calib=random_windows(8, 32, seed=1), progress=False, rotate=None)
+    assert result.plan.made_by["granularity"] == "fused"
+    assert "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj" in result.scores.module_damage[0]
+    layerwise.save(result, tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "ct", "compressed-tensors", target="vllm")
+    for action in result.plan.layers:
+        assert len({action.module_spec(f"self_attn.{p}_proj") for p in "qkv"}) == 1
+        assert action.module_spec("mlp.gate_proj") == action.module_spec("mlp.up_proj")
+
+
 def test_vllm_target_refuses_a_fused_set_with_two_schemes(tmp_path, capsys):
     """vLLM runs q/k/v as one layer with one scheme: an override that gives v_proj its own is refused for
     --target vllm (naming the modules and the fix), and exported without a target."""
@@ -127,7 +141,7 @@ def test_vllm_target_refuses_a_fused_set_with_two_schemes(tmp_path, capsys):
         export_checkpoint(path, tmp_path / "out", "compressed-tensors", target="vllm")
     message = str(info.value)
     assert "q_proj, k_proj, v_proj of layer 0: vLLM fuses q/k/v and gate/up" in message
-    assert "one spec per layer" in message and "layer 1" not in message
+    assert "one spec per fused set (--granularity layer or fused" in message and "layer 1" not in message
     assert not (tmp_path / "out").exists()
     export_checkpoint(path, tmp_path / "out", "compressed-tensors")
     with pytest.raises(SystemExit):

@@ -109,6 +109,26 @@ def test_k_quants_fall_back_where_rows_are_not_whole_super_blocks(tmp_path):
     assert q_proj.gguf in ("q5_0", "q8_0") and result.report.avg_bits <= 5.5
 
 
+def test_a_type_per_tensor_from_damage_measured_per_module(tmp_path):
+    """`--target gguf --granularity module`: each tensor gets the llama.cpp type its measured damage earns, the
+    budget holds, and the file carries those types with layerwise's logits."""
+    result = layerwise.compress(wide_model("llama", n_layers=3), 4.0, options="q2_k,q4_k,q6_k", target="gguf",
+                                granularity="module", method="gptq", tokenizer=tiny_tokenizer(),
+                                calib=random_windows(8, 64, seed=1), progress=False, rotate=None)
+    assert result.plan.made_by["granularity"] == "module" and result.report.avg_bits <= 4.0
+    layerwise.save(result, tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "m.gguf", "gguf", gguf_embeddings="f32")
+    types = tensor_types(tmp_path / "m.gguf")
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    planned = {f"blk.{a.layer}.{names[m]}.weight": a.module_spec(m).gguf.upper() for a in result.plan.layers
+               for m in names}
+    assert {k: types[k] for k in planned} == planned
+    assert len(set(planned.values())) > 1  # the types differ between tensors
+    assert relative_difference(gguf_logits(tmp_path), layerwise_logits(tmp_path / "ckpt", IDS)) < 1e-6
+
+
 def test_rotated_mse_gptaq_checkpoint_exports_to_both_formats(tmp_path):
     """The quality work's checkpoints (fused rotation with the head untied, the mse grid, GPTAQ) export: the
     rotation is in the weights and the untied head is written, in compressed-tensors and in GGUF."""

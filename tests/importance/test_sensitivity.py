@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import ARCHS, random_windows, tiny_model
 
+from layerwise.core.types import module_units, unit_name
 from layerwise.importance import score_model
 from layerwise.importance.sensitivity import output_fisher
-from layerwise.model.adapter import decoder_layers
+from layerwise.model.adapter import decoder_layers, linear_modules
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -54,3 +55,29 @@ def test_stream_reads_only_the_windows_the_scorers_need() -> None:
     # the damage is measured on the same two windows either way
     for option, damage in alone["sensitivity"].option_damage.items():
         assert together["sensitivity"].option_damage[option] == pytest.approx(damage, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+def test_damage_per_module_unit(arch: str) -> None:
+    """At module granularity every linear is measured alone per option: each unit's damage falls from 2 to 8
+    bits, and a layer's damage per option is the sum of its units'. Fused units are measured as one, and the
+    units the two granularities share get the same values."""
+    model = tiny_model(arch, n_layers=2)
+    windows = random_windows(3, 16)
+
+    def scores(granularity: str):
+        options = {"sensitivity": {"options": "2:32,8:32", "damage_windows": 3, "granularity": granularity}}
+        return score_model(model, ["sensitivity"], windows, scorer_options=options, progress=False)["sensitivity"]
+
+    per_module, fused = scores("module"), scores("fused")
+    names = list(linear_modules(decoder_layers(model)[0]))
+    for i, units in enumerate(per_module.module_damage):
+        assert list(units) == names
+        assert all(u["8:32:rtn"] < u["2:32:rtn"] for u in units.values())
+        for option, damage in per_module.option_damage.items():
+            assert damage[i] == pytest.approx(sum(u[option] for u in units.values()))
+        expected = [unit_name(u) for u in module_units(names, "fused")]
+        assert list(fused.module_damage[i]) == expected
+        for unit in set(units) & set(fused.module_damage[i]):
+            assert fused.module_damage[i][unit] == units[unit]
+    assert not scores("layer").module_damage
