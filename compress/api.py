@@ -15,7 +15,8 @@ to the seed paper's `lwq`. `uniform=b` skips scoring and planning: every layer a
 does not take. `granularity` says what gets one option each: ``"layer"`` (default: one option per decoder
 layer), ``"module"`` (each linear module, its damage measured alone: one layer run per module and option
 instead of per option) or ``"fused"`` (modules, with vLLM's fused q/k/v and gate/up sets as one unit; a
-``target="vllm"`` run turns ``"module"`` into this).
+``target="vllm"`` run turns ``"module"`` into this). ``target="gguf"`` defaults to ``"module"``: a llama.cpp
+type per tensor (docs/RESULTS.md: per layer, the measured allocation lost to llama.cpp's own rules).
 
 Structure (layerwise.planning.structure): `prune` layers (chosen by `prune_scorer`, default
 `DEFAULT_PRUNE_SCORER`; `prune_block` removes one contiguous block by angular distance), drop

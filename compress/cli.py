@@ -93,7 +93,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="candidate options for --planner optimal, bits:group[:method[:sym]] comma-separated "
                         f"(default: {DEFAULT_OPTIONS} for compress; every measured option for plan)")
     p.add_argument("--granularity", default=None, choices=list(GRANULARITIES),
-                   help=GRANULARITY_HELP + " (default: layer for compress; as the scores were measured for plan)")
+                   help=GRANULARITY_HELP + " (default: layer for compress, module with --target gguf; as the "
+                                           "scores were measured for plan)")
 
 
 def _add_grid(p: argparse.ArgumentParser) -> None:
@@ -260,7 +261,8 @@ def _add_compress_parser(p: argparse.ArgumentParser) -> None:
     _add_rotate(p, AUTO)
     p.add_argument("--target", choices=["gguf", "vllm"], default=None,
                    help="the engine the checkpoint is for: gguf quantizes to llama.cpp types (default options "
-                        "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0 at their real bits per weight; export with --format gguf); "
+                        "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0 at their real bits per weight, a type per tensor from damage "
+                        "measured per module; export with --format gguf); "
                         "vllm refuses llama.cpp types (export with --format compressed-tensors --target vllm)")
     _add_placement(p)
     _add_output(p, "--out", "checkpoint directory to write")

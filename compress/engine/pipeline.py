@@ -111,6 +111,10 @@ def resolve(recipe: Recipe) -> Recipe:
         resolved = resolved.with_args(options=GGUF_OPTIONS if recipe.target == "gguf" else DEFAULT_OPTIONS)
     if recipe.target == "vllm" and recipe.arg("granularity") == "module":
         resolved = resolved.with_args(granularity="fused")  # vLLM runs one scheme per fused q/k/v and gate/up
+    if recipe.target == "gguf" and recipe.arg("granularity") is None and "granularity" in planner_cls.arguments():
+        # llama.cpp holds a type per tensor, and per layer the measured allocation lost to llama.cpp's own
+        # rules (docs/RESULTS.md): per module it wins.
+        resolved = resolved.with_args(granularity="module")
     check_target_options(resolved)
     return resolved
 

@@ -105,6 +105,7 @@ def test_k_quants_fall_back_where_rows_are_not_whole_super_blocks(tmp_path):
     result = layerwise.compress(model, uniform=None, bits=5.5, options="q4_k,q8_0", target="gguf",
                                 calib=random_windows(8, 32, seed=1), progress=False, rotate=None)
     assert any("GGUF type q4_k -> q5_0 for 64-wide inputs" in line for line in result.report.group_fits)
+    assert result.plan.made_by["granularity"] == "module"  # --target gguf: a type per tensor by default
     q_proj = result.model.model.layers[0].self_attn.q_proj
     assert q_proj.gguf in ("q5_0", "q8_0") and result.report.avg_bits <= 5.5
 
