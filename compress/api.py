@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, LayerScores, Plan
 from layerwise.core.validate import check_numbers
@@ -70,6 +71,7 @@ from layerwise.engine.recipe import DEFAULT_METHOD, DEFAULT_SCORER, TOKEN_WINDOW
 from layerwise.engine.sinks import MemorySink, WorkDirSink
 from layerwise.engine.sources import ResidentSource, StreamedSource
 from layerwise.importance import SCORERS, score_model
+from layerwise.model.device import resolve_device
 from layerwise.model.loading import model_name, resolve_model_path
 from layerwise.output.checkpoint import save_checkpoint
 from layerwise.output.paths import check_not_inside
@@ -106,7 +108,9 @@ def score(
     check_numbers(calib_windows=calib_windows, calib_len=calib_len)
     scorer_cls = SCORERS.get(scorer)
     source = ResidentSource(model_or_path, tokenizer)
-    placement = open_placed(source, _name(device) or "auto", _name(dtype))
+    resolved = dist.local_device(resolve_device(_name(device) or "auto"))
+    dist.init_from_environment(resolved)
+    placement = open_placed(source, resolved, _name(dtype))
     windows, summary = None, None
     if scorer_cls.needs_activations:
         windows, summary = calibration(source.tokenizer, calib, calib_windows, calib_len, f"scorer {scorer!r}")
@@ -271,7 +275,8 @@ def _name(value: str | torch.device | torch.dtype | None) -> str | None:
 
 
 def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:
-    """Write a `compress()`/`apply()` result as a layerwise checkpoint directory."""
+    """Write a `compress()`/`apply()` result as a layerwise checkpoint directory (in a process group: rank 0
+    writes, the others wait for it)."""
     check_not_inside(out, [result.report.model, *([result.model] if result.model is not None else [])])
     extra: dict[str, Any] = {} if result.recipe is None else {"recipe": result.recipe.to_dict()}
     extra["report"] = result.report.to_dict()
@@ -279,5 +284,7 @@ def save(result: CompressResult, out: str, *, overwrite: bool = False) -> str:
         extra["scores"] = result.scores.to_dict()
     if result.rotation is not None:
         extra["rotation"] = result.rotation.to_dict()
-    save_checkpoint(result.model, result.tokenizer, out, plan=result.plan, extra=extra, overwrite=overwrite)
+    if dist.is_main():
+        save_checkpoint(result.model, result.tokenizer, out, plan=result.plan, extra=extra, overwrite=overwrite)
+    dist.barrier()
     return out

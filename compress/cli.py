@@ -9,6 +9,8 @@ atomically at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import warnings
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, GRANULARITIES, GRIDS
 from layerwise.core.validate import parse_number
@@ -29,6 +32,7 @@ from layerwise.planning.planners import ORDERS, LwqConfig
 from layerwise.planning.structure import DEFAULT_PRUNE_SCORER, TIE_MODES
 from layerwise.transform import AUTO
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_BITS = 3.25
@@ -380,7 +384,8 @@ def _run_score(args: argparse.Namespace, progress: bool) -> None:
     scores = api.score(args.model, args.scorer, calib=args.calib, calib_windows=args.calib_windows,
                        calib_len=args.calib_len, options=args.options, method=args.method,
                        granularity=args.granularity, progress=progress, **placement)
-    scores.save(args.json)
+    if dist.is_main():
+        scores.save(args.json)
     for i, value in enumerate(scores.scores):
         print(f"layer {i:3d}  {args.scorer} {value: .6f}")
     print(f"wrote {args.json} ({scores.seconds:.1f} s)")
@@ -500,7 +505,8 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> None:
                       include_path=args.include_path, progress=progress, **placement)
     _print_eval(result)
     if args.json:
-        result.save(args.json)
+        if dist.is_main():
+            result.save(args.json)
         print(f"wrote {args.json}")
 
 
@@ -555,23 +561,52 @@ def _print_eval(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():  # one line each on stderr as they happen, not file:line and source
+        # One line each on stderr as they happen, not file:line and source; under torchrun, results are printed
+        # by rank 0 alone (every rank computes the same ones).
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_MainRank(sys.stdout)):
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             run(args)
     except LayerwiseError as exc:
-        print(f"layerwise: error: {exc}", file=sys.stderr)
-        if getattr(args, "verbose", False) and exc.details:
-            print("\n".join(f"  {line}" for line in exc.details), file=sys.stderr)
+        if dist.claim_error():  # every rank may refuse the same input: one line for the group
+            print(f"layerwise: error: {dist.where()}{exc}", file=sys.stderr)
+            if getattr(args, "verbose", False) and exc.details:
+                print("\n".join(f"  {line}" for line in exc.details), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("layerwise: interrupted; nothing was written under the output name", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if dist.is_peer_failure(exc):  # the rank that failed said why; a killed one could not
+            if not dist.error_reported():
+                print(f"layerwise: error: {dist.where()}another process of the group stopped without a message "
+                      f"(killed, or out of memory?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                      "nothing was written under the output name", file=sys.stderr)
+            return EXIT_FAILED
+        if dist.ranks() is None:
+            raise
+        if dist.claim_error():
+            print(f"layerwise: error: {dist.where()}{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
+class _MainRank(io.TextIOBase):
+    """`stream` on rank 0 of a process group (or alone); nothing on the other ranks."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text) if dist.is_main() else len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"layerwise: warning: {message}", file=sys.stderr, flush=True)
+    if dist.is_main():  # every rank of a group meets the same conditions: say it once
+        print(f"layerwise: warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,13 @@ def evaluate(
 
 
 def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None, model: Any) -> Placement | None:
-    """The placement of the evaluation's forwards (None: the CPU in float32, where the model is)."""
+    """The placement of the evaluation's forwards (None: the CPU in float32, where the model is); under
+    torchrun, this rank's device, once the process group is joined (`layerwise.core.dist`)."""
+    from layerwise.core import dist
     from layerwise.model.device import checkpoint_dtype, resolve_device, resolve_dtype
 
-    resolved = resolve_device(device)
+    resolved = dist.local_device(resolve_device(device))
+    dist.init_from_environment(resolved)
     own = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
     if own is None and isinstance(model, str | os.PathLike) and Path(model).is_dir():
         own = checkpoint_dtype(model)

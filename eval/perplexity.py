@@ -6,7 +6,9 @@ is the one layerwise reports everywhere unless told otherwise.
 
 Each window is scored on its own: position ``t`` predicts token ``t + 1``, so a window of ``L`` tokens
 contributes ``L - 1`` predicted tokens and the first token of each window is context only. Losses are
-summed in float32 (whatever the model's dtype) and accumulated in Python floats (double precision).
+summed in float32 (whatever the model's dtype) and accumulated in Python floats (double precision). Under
+a torch.distributed group (`layerwise.core.dist`) each rank scores its share of the windows and the sums
+are added in rank order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.data.corpora import load_text, token_windows
 from layerwise.model.layer_calls import nll_sum, shifted_targets
@@ -93,10 +96,13 @@ def perplexity(
     check_context_length(model, protocol.window_len)
     text = load_text(protocol.corpus, protocol.split)
     windows = token_windows(tokenizer, text, protocol.n_windows, protocol.window_len)
+    # Under a process group each rank scores its share of the windows; the sums are added in rank order.
     nll_sum, n_tokens = perplexity_on_windows(
-        model, windows, batch_size=batch_size, progress=progress, desc=f"perplexity ({protocol.name})",
-        placement=placement,
+        model, dist.shard(windows), batch_size=batch_size, progress=progress and dist.is_main(),
+        desc=f"perplexity ({protocol.name})", placement=placement,
     )
+    nll_sum, tokens = dist.sum_floats([nll_sum, float(n_tokens)])
+    n_tokens = int(tokens)
     nll = nll_sum / n_tokens
     return PerplexityResult(
         perplexity=math.exp(nll),

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.registry import Registry
 from layerwise.core.types import LayerScores
 from layerwise.model.adapter import layer_linear_shapes
@@ -45,6 +46,10 @@ class LayerScorer:
     # Set by `score_model`: where whole-model work in `prepare` runs (None: where the model is). The
     # layer steps arrive already on that device (`LayerStep.placement`).
     placement: Placement | None = None
+    # Under a process group (`layerwise.core.dist`): whether the scorer sums what it measures over the ranks,
+    # so that each rank can read only its share of the windows. A pass whose readers all do is sharded.
+    shares_windows: ClassVar[bool] = False
+    sharded: bool = False  # set by `score_model`: this pass reads this rank's share of the windows
 
     @classmethod
     def parameters(cls) -> set[str]:
@@ -128,17 +133,23 @@ def score_model(
     readers = [s for s in instances if s.needs_activations]
     _check_inputs(scorers, instances, windows, weights)
     start = time.perf_counter()
+    sharded = windows is not None and bool(readers) and all(s.shares_windows for s in readers) and not dist.is_alone()
+    if sharded:
+        assert windows is not None
+        windows = dist.shard(windows)
     if windows is not None:
         windows = _windows_for(readers, windows)
     for scorer in instances:
         scorer.progress = progress
         scorer.placement = placement
+        scorer.sharded = sharded
         scorer.prepare(model, windows, batch_size)
     values = _score_layers(model, scorers, instances, windows, batch_size, progress, weights, placement)
     seconds = time.perf_counter() - start
     calib = dict(calibration or {}) if readers else {}
-    if calib and windows is not None:  # what was read, after trimming to the scorers' needs
-        calib.update(windows=int(windows.shape[0]), tokens=int(windows.numel()))
+    if calib and windows is not None:  # what was read, after trimming to the scorers' needs (by every rank)
+        count = int(dist.sum_floats([windows.shape[0]])[0]) if sharded else int(windows.shape[0])
+        calib.update(windows=count, tokens=count * int(windows.shape[1]))
     return _layer_scores(model, instances, values, model_name, calib, seconds)
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from layerwise.core import dist
 from layerwise.core.progress import bar
 from layerwise.core.types import QuantSpec, check_granularity, module_units, parse_options, unit_name
 from layerwise.importance.base import SCORERS, LayerScorer
@@ -80,6 +81,7 @@ class SensitivityScorer(LayerScorer):
     needs_activations: ClassVar[bool] = True
     provides: ClassVar[frozenset[str]] = frozenset({"scores", "option_damage", "module_damage"})
     layer_local: ClassVar[bool] = False  # one whole-model backward pass (Fisher)
+    shares_windows: ClassVar[bool] = True  # Fisher sums, damages and Hessians are summed over ranks
 
     def __init__(
         self,
@@ -101,12 +103,15 @@ class SensitivityScorer(LayerScorer):
         self._collector: SharedInputHessians | None = None
 
     def windows_needed(self) -> int:
-        return self.damage_windows
+        # Sharded: this rank's part of the first damage_windows (windows are dealt round-robin).
+        return dist.local_count(self.damage_windows) if self.sharded else self.damage_windows
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         assert windows is not None
-        self._fisher = output_fisher(model, windows[: self.damage_windows], batch_size, placement=self.placement,
-                                     progress=self.progress)
+        if self.sharded:
+            dist.check_shareable(self.damage_windows, "damage windows", "damage_windows")
+        self._fisher = output_fisher(model, windows[: self.windows_needed()], batch_size, placement=self.placement,
+                                     progress=self.progress, across_ranks=self.sharded)
 
     def observe(self, step: LayerStep) -> AbstractContextManager[object]:
         # GPTQ options need the layer's Hessians: collected during the stream's own reference run.
@@ -119,7 +124,7 @@ class SensitivityScorer(LayerScorer):
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         assert outputs is not None
         per_batch = step.inputs[0].shape[0]
-        n = min(len(step.inputs), -(-self.damage_windows // per_batch))  # batches covering damage_windows
+        n = min(len(step.inputs), -(-self.windows_needed() // per_batch))  # batches covering damage_windows
         inputs, reference = step.inputs[:n], outputs[:n]
         modules = linear_modules(step.layer)
         hessians: dict[str, torch.Tensor] = {}
@@ -127,7 +132,6 @@ class SensitivityScorer(LayerScorer):
             hessians = checked_hessians(step.index, self._collector)
             self._collector = None
         fisher = self._fisher[step.index].to(reference[0].device, torch.float64)
-        n_tokens = sum(y.shape[0] * y.shape[1] for y in reference)
         jobs = [
             (module, option, hessians.get(name) if needs_hessian(option) else None)
             for option in self.options
@@ -135,21 +139,32 @@ class SensitivityScorer(LayerScorer):
         ]
         quantized = iter(quantize_modules(jobs))
         by_option = {option.option(): {name: next(quantized) for name in modules} for option in self.options}
+        # Each run's Fisher-weighted squared error summed over this rank's tokens; all of a layer's runs are
+        # summed over ranks at once, with the token count, and divided after.
+        sums: list[float] = []
 
-        def damage(replacements: dict[str, nn.Module]) -> float:
+        def measure(replacements: dict[str, nn.Module]) -> int:
             with _swapped(step.layer, replacements), dense_weights(replacements.values()):
-                weighted = sum(
+                sums.append(sum(
                     float(((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
                            * fisher).sum())
                     for x, y in zip(inputs, reference, strict=True)
-                )
-            return 0.5 * weighted / n_tokens
+                ))
+            return len(sums) - 1
 
         if self.granularity == "layer":
-            for label, replacements in by_option.items():
-                self._damage[label].append(damage(replacements))
+            runs = {label: measure(replacements) for label, replacements in by_option.items()}
         else:
-            units = self._unit_damage(list(modules), by_option, damage)
+            unit_runs = self._unit_runs(list(modules), by_option, measure)
+        local = [*sums, float(sum(y.shape[0] * y.shape[1] for y in reference))]
+        *totals, n_tokens = dist.sum_floats(local) if self.sharded else local
+        damages = [0.5 * total / n_tokens for total in totals]
+        if self.granularity == "layer":
+            for label, run in runs.items():
+                self._damage[label].append(damages[run])
+        else:
+            units = {unit: {label: damages[run] for label, run in per_option.items()}
+                     for unit, per_option in unit_runs.items()}
             self._module_damage.append(units)
             # A layer's damage per option: the sum over its units, each quantized alone (errors taken as additive).
             for label in by_option:
@@ -157,21 +172,21 @@ class SensitivityScorer(LayerScorer):
         cheapest = min(self.options, key=lambda o: (o.bits, -o.group_size))
         return self._damage[cheapest.option()][-1]
 
-    def _unit_damage(self, names: list[str], by_option: dict[str, dict[str, nn.Module]],
-                     damage: Callable[[dict[str, nn.Module]], float]) -> dict[str, dict[str, float]]:
-        """Per unit of `module_units`, per option, the damage of quantizing that unit's modules alone. Options that
-        quantize a unit identically (coinciding once fitted to its widths) are run once."""
-        measured: dict[str, dict[str, float]] = {}
+    def _unit_runs(self, names: list[str], by_option: dict[str, dict[str, nn.Module]],
+                   measure: Callable[[dict[str, nn.Module]], int]) -> dict[str, dict[str, int]]:
+        """Per unit of `module_units`, per option, the run that quantizes that unit's modules alone (`measure`'s
+        index). Options that quantize a unit identically (coinciding once fitted to its widths) share one run."""
+        runs: dict[str, dict[str, int]] = {}
         for unit in module_units(names, self.granularity):
-            seen: dict[tuple[int, ...], float] = {}
-            per_option = measured[unit_name(unit)] = {}
+            seen: dict[tuple[int, ...], int] = {}
+            per_option = runs[unit_name(unit)] = {}
             for label, replacements in by_option.items():
                 swapped = {name: replacements[name] for name in unit}
                 key = tuple(id(m) for m in swapped.values())
                 if key not in seen:
-                    seen[key] = damage(swapped)
+                    seen[key] = measure(swapped)
                 per_option[label] = seen[key]
-        return measured
+        return runs
 
     def option_damage(self) -> dict[str, list[float]]:
         return self._damage
@@ -182,7 +197,7 @@ class SensitivityScorer(LayerScorer):
 
 def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
                   chunk_tokens: int = LOSS_CHUNK_TOKENS, *, placement: Placement | None = None,
-                  progress: bool = False) -> list[torch.Tensor]:
+                  progress: bool = False, across_ranks: bool = False) -> list[torch.Tensor]:
     """Per decoder layer, the mean over tokens of the squared gradient of the NLL w.r.t. its output.
 
     One forward and backward pass over `windows`; parameters do not get gradients (only the hidden
@@ -233,7 +248,12 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return [s / n_tokens for s in sums]
+    if not across_ranks:
+        return [s / n_tokens for s in sums]
+    # Each rank read its share of `windows`: every rank's sums added in rank order, over all ranks' tokens.
+    totals = dist.sum_in_order(torch.stack(sums))
+    n_total = dist.sum_floats([float(n_tokens)])[0]
+    return [t / n_total for t in totals]
 
 
 def _backward_nll(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.model.adapter import LINEAR_TYPES, linear_shape, linear_weight
 
@@ -65,6 +66,11 @@ class _RunningMoment:
         self._moment.mul_(self._n_tokens / total)
         self._moment.addmm_(left.T, right, alpha=2.0 / total)
         self._n_tokens = total
+
+    def merge_ranks(self) -> None:
+        """Make M the mean over every rank's tokens (`layerwise.core.dist`: each rank's mean weighted by its
+        token count, added in rank order): one (K, K) matrix sent per rank. Nothing happens on one process."""
+        self._moment, self._n_tokens = dist.weighted_mean_in_order(self._moment, self._n_tokens)
 
     def _value(self, why_empty: str) -> torch.Tensor:
         """The live buffer (not a copy, to spare K^2 memory); raises when no token was added."""
@@ -203,6 +209,7 @@ class SharedInputHessians:
         self._recent: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._handles: list[RemovableHandle] = []
         self._reference: dict[str, torch.Tensor] = {}  # this batch's full-precision input of every module
+        self._merged = False
 
     def _collect(self, name: str, x: torch.Tensor) -> None:
         self._recent = [(ref, owner) for ref, owner in self._recent if ref() is not None]
@@ -256,6 +263,17 @@ class SharedInputHessians:
         self._recent = []
         self._reference = {}
 
+    def _merge_ranks(self) -> None:
+        """Once, after the forwards: each H and C summed over the ranks of a process group (their share of the
+        windows each), in the order of the modules' names, which every rank shares."""
+        if self._merged:
+            return
+        self._merged = True
+        for name in sorted(self.accumulators):
+            self.accumulators[name].merge_ranks()
+            if name in self.crosses:
+                self.crosses[name].merge_ranks()
+
     def hessians(self) -> dict[str, torch.Tensor | AsymmetricHessian]:
         """Every module's H (an `AsymmetricHessian` for those in `cross`); raises (naming the module) for one
         that no calibration input reached."""
@@ -265,6 +283,7 @@ class SharedInputHessians:
                 f"no calibration inputs reached {missing}, so they have no Hessian; check that the calibration "
                 "forward passes run through these modules"
             )
+        self._merge_ranks()
         paired: dict[str, AsymmetricHessian] = {}  # by owner: one object per input, so sweeps can be shared
         out: dict[str, torch.Tensor | AsymmetricHessian] = {}
         for name in self.modules:
@@ -277,7 +296,9 @@ class SharedInputHessians:
         return out
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
-        """(tokens seen, in_features) per module, for the too-few-tokens warning."""
+        """(tokens seen, in_features) per module, for the too-few-tokens warning (over every rank)."""
+        if len(self.source) == len(self.modules):
+            self._merge_ranks()
         counts = {}
         for name in self.source:
             acc = self.accumulators[self.source[name]]

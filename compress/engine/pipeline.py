@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.budget import average_bits, n_weights
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.progress import PhaseClock
@@ -40,7 +41,7 @@ from layerwise.engine.applier import (
 from layerwise.engine.recipe import Recipe
 from layerwise.engine.sinks import MemorySink, WorkDirSink
 from layerwise.engine.sources import ResidentSource, StreamedSource, check_source
-from layerwise.engine.streaming import PARTIAL_FORMAT, PARTIAL_VERSION
+from layerwise.engine.streaming import PARTIAL_FORMAT, PARTIAL_VERSION, replay_inputs
 from layerwise.importance import SCORERS, score_model
 from layerwise.importance.sensitivity import DEFAULT_OPTIONS
 from layerwise.model.adapter import decoder_layers, layer_linear_shapes, layers_path
@@ -152,14 +153,20 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
     `calib` gives token windows instead of the recipe's calibration text; `scores`, with a recipe whose
     plan is given, are the scores that plan was made from (shown in the report).
     """
+    device = dist.local_device(resolve_device(recipe.device))
+    group = dist.init_from_environment(device)  # first: a refusal is then said once for the group
     recipe = resolve(recipe)
     check_source(source, recipe)
-    device = resolve_device(recipe.device)
+    if group is not None:
+        dist.agree("arguments", {**recipe.compared(), "model": source.name})
+        progress = progress and group.main
     sink.check()
     state = _Run(recipe, source, sink, PhaseClock(progress), scores=scores, device=device)
     try:
         with state.clock.phase("load", source.name if isinstance(source, StreamedSource) else ""):
             state.placement = open_placed(source, device, recipe.dtype)
+            if group is not None:
+                dist.agree("model weights", weights_digest(source.model))
         recipe = state.recipe = resolve_rotation(recipe, source)
         if recipe.plan is not None:
             check_plan_fits(recipe.plan, source.model)
@@ -171,6 +178,10 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         _budget_dry_run(state)
         with state.clock.phase("calibrate"):
             _calibrate(state, calib)
+            if group is not None:
+                dist.agree("calibration windows", _sha256(state.windows))
+                if state.windows is not None:
+                    dist.check_shareable(state.windows.shape[0])  # before any slow phase
         sink.start(_run_info(state))
         return _compress(state, progress)
     except BaseException as exc:
@@ -178,6 +189,12 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         raise
     finally:
         sink.close()
+
+
+def weights_digest(model: nn.Module) -> list[Any]:
+    """A cheap fingerprint of the model's weights that ranks compare: each tensor's name, shape and sum."""
+    return [(name, list(p.shape), float(torch.sum(p.detach(), dtype=torch.float64)))
+            for name, p in model.state_dict().items() if p.device.type != "meta"]
 
 
 def resolve_rotation(recipe: Recipe, source: Source) -> Recipe:
@@ -454,7 +471,13 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
     if resumed.first < n_layers:
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = True
-        done = apply_plan(source.model, quantized, recipe.method, windows=state.windows if calibrated else None,
+        windows = dist.shard(state.windows) if calibrated and state.windows is not None else None
+        if resumed.replay:
+            assert windows is not None and isinstance(source, StreamedSource) and isinstance(sink, WorkDirSink)
+            resumed.hidden, resumed.reference = replay_inputs(
+                source.streamed, windows, quantized, recipe.method, recipe.grid, sink.work, resumed.first,
+                placement=state.placement, reference=plan_needs_reference(plan, recipe.method))
+        done = apply_plan(source.model, quantized, recipe.method, windows=windows,
                           progress=progress, weights=source.layer_weights, start=resumed.first, hidden=resumed.hidden,
                           on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated),
                           placement=state.placement, reference_hidden=resumed.reference, grid=recipe.grid)

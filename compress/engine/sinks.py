@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from layerwise.core import dist
 from layerwise.core.types import LayerOutcome, LayerScores, Plan, read_json
 from layerwise.engine.streaming import PLAN_FILE, RUN_FILE, SCORES_FILE, WorkDir, partial_dir, partial_exists
 from layerwise.model.driver import LayerStep
@@ -35,6 +36,7 @@ class ResumePoint:
     first: int = 0
     hidden: list[torch.Tensor] | None = None
     reference: list[torch.Tensor] | None = None
+    replay: bool = False  # the inputs of `first` are not saved: run the finished layers again (`replay_inputs`)
 
 
 class MemorySink:
@@ -83,8 +85,10 @@ class MemorySink:
         return done
 
     def write(self, model, tokenizer, plan: Plan, extra: dict[str, Any], source: Any) -> None:
-        if self.out is not None:
+        """Save the checkpoint (rank 0 of a process group: every rank holds the same model; the others wait)."""
+        if self.out is not None and dist.is_main():
             save_checkpoint(model, tokenizer, self.out, plan=plan, extra=extra, overwrite=self.overwrite)
+        dist.barrier()
 
     @property
     def keeps_model(self) -> bool:
@@ -105,8 +109,10 @@ class WorkDirSink:
         self.out = check_output_dir(self.out, self.overwrite)
 
     def start(self, run: dict[str, Any]) -> None:
-        """Create the work directory, or check the one being resumed against `run` (recipe, model files)."""
-        resumed = self.work.start(run, self.resume)
+        """Create the work directory, or check the one being resumed against `run` (recipe, model files). In a
+        process group rank 0 does, and the others read it once it has (their arguments were compared already)."""
+        resumed = self.work.start(run, self.resume) if dist.is_main() else self.resume
+        dist.barrier()
         saved = read_json(self.work.path / RUN_FILE, "run").get("torch_threads") if resumed else self._threads
         if isinstance(saved, int) and saved != self._threads:
             # CPU matmul reductions split by thread count: continue with the count the run started with.
@@ -118,7 +124,7 @@ class WorkDirSink:
         torch.set_num_threads(self._threads)
 
     def failed(self, exc: BaseException) -> None:
-        if isinstance(exc, BadWeights):
+        if isinstance(exc, BadWeights) and dist.is_main():
             self.work.remove()  # a damaged file or a NaN weight: no resumed run could finish this one
 
     def cached_scores(self) -> LayerScores | None:
@@ -130,29 +136,43 @@ class WorkDirSink:
         return Plan.load(file) if file.is_file() else None
 
     def save_scores(self, scores: LayerScores) -> None:
-        scores.save(self.work.path / SCORES_FILE)
+        if dist.is_main():
+            scores.save(self.work.path / SCORES_FILE)
 
     def save_plan(self, plan: Plan) -> None:
-        plan.save(self.work.path / PLAN_FILE)
+        if dist.is_main():
+            plan.save(self.work.path / PLAN_FILE)
 
     def resume_point(self, n_layers: int, calibrated: bool, reference: bool = False) -> ResumePoint:
+        """Where quantization starts. In a process group the inputs are not saved (each rank's are its own):
+        resume after the last finished layer, and make them again from the finished layers (`replay`)."""
+        if not dist.is_alone():
+            first = self.work.resume_point(n_layers, calibrated=False)
+            return ResumePoint(first, replay=calibrated and 0 < first < n_layers)
         first = self.work.resume_point(n_layers, calibrated, reference)
         saved = calibrated and 0 < first < n_layers
         return ResumePoint(first, self.work.load_hidden(first) if saved else None,
                            self.work.load_reference(first) if saved and reference else None)
 
     def on_layer(self, prefix: str, n_layers: int, calibrated: bool):
+        keep_inputs = calibrated and dist.is_alone()
+
         def save(step: LayerStep, outcome: LayerOutcome) -> None:
-            self.work.save_layer(step, prefix, outcome, calibrated, step.index == n_layers - 1)
+            if dist.is_main():
+                self.work.save_layer(step, prefix, outcome, keep_inputs, step.index == n_layers - 1)
 
         return save
 
     def outcomes(self, done: list[LayerOutcome], n_layers: int) -> list[LayerOutcome]:
+        dist.barrier()  # rank 0 has written the last layer's outcome
         return self.work.outcomes(n_layers)  # resumed runs quantized only some layers in this process
 
     def write(self, model, tokenizer, plan: Plan, extra: dict[str, Any], source: Any) -> None:
         """Assemble the checkpoint from the tensors outside the layers (read from the source files) and the
         finished layers' files, then remove the work directory."""
+        if not dist.is_main():
+            dist.barrier()
+            return
         streamed = source.streamed
         with atomic_dir(self.out) as tmp:
             with quiet_transformers():
@@ -165,6 +185,7 @@ class WorkDirSink:
                 tokenizer.save_pretrained(tmp)
             write_meta(tmp, streamed.dtype, plan, extra)
         self.work.remove()
+        dist.barrier()
 
     @property
     def keeps_model(self) -> bool:

@@ -59,14 +59,24 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import (
     LayerOutcome,
+    Plan,
     QuantSpec,
     read_json,
     write_file_atomic,
     write_json_atomic,
 )
-from layerwise.model.adapter import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
-from layerwise.model.driver import LayerStep
+from layerwise.model.adapter import (
+    decoder_layers,
+    layers_path,
+    linear_modules,
+    linear_shape,
+    nonfinite_message,
+    nonfinite_tensors,
+    set_submodule,
+)
+from layerwise.model.driver import LayerStep, stream_layers
 from layerwise.model.loading import check_causal_config, quiet_transformers
+from layerwise.model.placement import Placement
 from layerwise.model.shards import BadWeights, PendingTensor, SafetensorsSource, pending, safetensors_dtype
 from layerwise.output.checkpoint import unique_state_dict
 
@@ -342,6 +352,48 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def replay_inputs(streamed: StreamedModel, windows: torch.Tensor, plan: Plan, method: str, grid: str, work: WorkDir,
+                  first: int, *, placement: Placement | None = None,
+                  reference: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The inputs of layer `first` on `windows` (and, with `reference`, the full-precision stream's), made again by
+    running layers 0..`first`-1 as the work directory holds them, quantized (and as read, in full precision,
+    for the reference stream).
+
+    What a rank of a process group resumes from: only rank 0 writes the work directory, and each rank's
+    windows are its own share, so no rank's inputs are on disk. The layers run exactly as they did when they
+    were quantized (`apply_plan` runs each quantized layer with dense weights to make the next inputs), so the
+    inputs are the ones an uninterrupted run would have had.
+    """
+    from layerwise.quant import QuantLinear, dense_weights
+
+    steps = stream_layers(streamed.model, windows, progress=False, weights=streamed, placement=placement,
+                          reference=reference)
+    try:
+        for step in steps:
+            if step.index == first:
+                return list(step.inputs), (list(step.reference) if reference and step.reference is not None
+                                           else None)
+            layer, action = step.layer, plan.layers[step.index]
+            if reference:
+                assert step.reference is not None
+                step.reference_outputs = step.kept([step.keep(step.forward(h)) for h in step.reference])
+            for name, module in linear_modules(layer).items():
+                spec = action.module_spec(name, default_method=method, default_grid=grid)
+                if spec is not None:
+                    out_f, in_f = linear_shape(module)
+                    set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec.fit(in_f), dtype=streamed.dtype,
+                                                                 bias=getattr(module, "bias", None) is not None))
+            saved = safetensors.torch.load_file(work.layer_file(step.index), device=str(
+                next(layer.parameters()).device))
+            head = f"{streamed.prefix}.{step.index}."
+            layer.load_state_dict({k.removeprefix(head): v for k, v in saved.items()}, strict=False, assign=True)
+            with dense_weights(layer.modules()):
+                step.outputs = step.run()
+    finally:
+        steps.close()
+    raise ValueError(f"layer {first} is past the model's last layer")
 
 
 def _load_batches(file: Path) -> list[torch.Tensor]:

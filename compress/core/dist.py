@@ -1,0 +1,242 @@
+"""Work spread over the processes of a torch.distributed group: who this process is, its share of the
+windows, and sums across ranks taken in a fixed order.
+
+layerwise runs data-parallel: every rank holds the whole model (layer by layer, as on one process), reads
+its own share of the calibration and evaluation windows, and the statistics those windows produce (Hessians,
+Fisher vectors, damages, log-likelihoods) are summed over ranks before anyone uses them. Every rank then
+makes the same decisions from the same numbers, so only rank 0 needs to write.
+
+Sums are taken in a fixed order: each rank's part is sent to rank 0, added there in rank order in float64,
+and the sum is sent back, so the result is the same on every rank and from run to run whatever the timing
+(an all-reduce's order is the backend's); each rank sends one tensor and receives one.
+
+Windows are dealt round-robin (rank r gets windows r, r + N, ...), so the first k windows of the whole set
+are the first k / N of each share: a scorer that reads a leading subset reads the same windows on N ranks
+as on one.
+
+Without an initialised process group (or with one process) every function here is the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwise.core.errors import LayerwiseError
+
+# Environment variables torchrun sets for every worker.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the group: `rank` of `world`, `local_rank` on its node, the `backend`."""
+
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks() -> Ranks | None:
+    """The group this process runs in, or None when it runs alone (no group, or a group of one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
+
+
+def is_alone() -> bool:
+    """Whether this process runs without others (no group, or a group of one)."""
+    return ranks() is None
+
+
+def is_main() -> bool:
+    """Whether this process writes (rank 0, or the only process)."""
+    group = ranks()
+    return group is None or group.main
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or an equivalent launcher) as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_environment(device: torch.device | None = None) -> Ranks | None:
+    """Join the group torchrun describes in the environment, once: nccl when this rank runs on a CUDA device,
+    gloo otherwise. Returns None when not launched as one of several processes. An already initialised
+    group (`layerwise.compress` called inside one) is used as it is."""
+    if dist.is_available() and dist.is_initialized():
+        return ranks()
+    if not launched():
+        return None
+    missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
+    if missing:
+        raise LayerwiseError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} are not set; "
+                             "start the processes with torchrun --nproc-per-node N -m layerwise ...")
+    cuda = device is not None and device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    kwargs: dict[str, Any] = {}
+    if cuda:
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, **kwargs)
+    return ranks()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's own CUDA device (``cuda:LOCAL_RANK``) when `device` is CUDA without an index under torchrun."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def share(n: int) -> range:
+    """The indices of `n` windows this rank reads: every N-th, starting at its rank."""
+    group = ranks()
+    return range(n) if group is None else range(group.rank, n, group.world)
+
+
+def check_shareable(n: int, what: str = "windows", flag: str = "--calib-windows") -> None:
+    """Refuse, on every rank alike, `n` windows that would leave some rank without one."""
+    group = ranks()
+    if group is not None and n < group.world:
+        raise LayerwiseError(f"{n} {what} cannot be shared by {group.world} processes; give at least {group.world} "
+                             f"({flag}) or run fewer processes")
+
+
+def shard(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of `windows` (rows r, r + N, ...). Refuses a share that would be empty."""
+    group = ranks()
+    if group is None:
+        return windows
+    check_shareable(windows.shape[0])
+    return windows[group.rank::group.world]
+
+
+def local_count(n: int) -> int:
+    """How many of the first `n` windows (of the whole set) are in this rank's share."""
+    return len(share(n))
+
+
+def _sum_at_main(tensor: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
+    """Every rank's `tensor` sent to rank 0, added there in rank order in float64 (each times its weight), and the
+    sum sent back to every rank in `tensor`'s dtype: one tensor-sized message from and to each rank."""
+    group = ranks()
+    assert group is not None
+    device = _communication_device(tensor)
+    local = tensor.detach().to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.world)] if group.main else None
+    dist.gather(local, parts, dst=0)
+    if parts is not None:
+        total = torch.zeros_like(local, dtype=torch.float64)
+        for rank, part in enumerate(parts):
+            total += part.double() * (1.0 if weights is None else weights[rank])
+        local = total.to(local.dtype)
+    dist.broadcast(local, src=0)
+    return local.to(tensor.device)
+
+
+def sum_in_order(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `tensor`, added in rank order in float64, in `tensor`'s dtype and device."""
+    return tensor if ranks() is None else _sum_at_main(tensor)
+
+
+def weighted_mean_in_order(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """The mean over all ranks' items from each rank's `mean` of its `count` items (fixed order, float64)."""
+    group = ranks()
+    if group is None:
+        return mean, count
+    counts = [int(c) for c in _all_counts(count)]
+    total = sum(counts)
+    if total == 0:
+        return mean, 0
+    return _sum_at_main(mean, [n / total for n in counts]), total
+
+
+def _all_counts(count: int) -> list[float]:
+    group = ranks()
+    assert group is not None
+    device = _communication_device(torch.empty(0))
+    parts = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(group.world)]
+    dist.all_gather(parts, torch.tensor([float(count)], dtype=torch.float64, device=device))
+    return [float(p) for p in parts]
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Each value summed over ranks (fixed order, float64)."""
+    if ranks() is None:
+        return list(values)
+    return sum_in_order(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def agree(what: str, value: Any) -> None:
+    """Refuse, on every rank, a run whose ranks were given different `value`s (arguments, model files)."""
+    group = ranks()
+    if group is None:
+        return
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    seen: list[str | None] = [None] * group.world
+    dist.all_gather_object(seen, digest)
+    differ = [r for r, d in enumerate(seen) if d != seen[0]]
+    if differ:
+        raise LayerwiseError(f"ranks {', '.join(map(str, differ))} were given other {what} than rank 0; start "
+                             "every process with the same command and the same model files")
+
+
+# The key in the group's store that counts the ranks that reported an error: the first one prints it.
+_ERROR_KEY = "layerwise/errors"
+
+
+def claim_error() -> bool:
+    """Whether this rank is the first of its group to report an error, so the one to print it (always True
+    alone, or when the group's store cannot be reached)."""
+    if ranks() is None:
+        return True
+    try:
+        return dist.distributed_c10d._get_default_store().add(_ERROR_KEY, 1) == 1
+    except Exception:  # the store went with a dead rank: say it rather than nothing
+        return True
+
+
+def error_reported() -> bool:
+    """Whether some rank of the group already reported an error (see `claim_error`)."""
+    if ranks() is None:
+        return False
+    try:
+        return dist.distributed_c10d._get_default_store().add(_ERROR_KEY, 0) > 0
+    except Exception:
+        return False
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process of the group stopped."""
+    return ranks() is not None and isinstance(exc, dist.DistError | RuntimeError) and (
+        isinstance(exc, dist.DistError) or "Connection closed by peer" in str(exc) or "gloo" in str(exc).lower())
+
+
+def where() -> str:
+    """``rank R: `` inside a group of several processes, else nothing: the prefix of this rank's messages."""
+    group = ranks()
+    return "" if group is None else f"rank {group.rank}: "
+
+
+def barrier() -> None:
+    if ranks() is not None:
+        dist.barrier()
+
+
+def _communication_device(tensor: torch.Tensor) -> torch.device:
+    """Where a collective must see the tensor: on its CUDA device for nccl, on the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return tensor.device if tensor.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
