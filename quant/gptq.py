@@ -508,7 +508,9 @@ class GptqQuantizer(Quantizer):
 
 
 def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, torch.Tensor | AsymmetricHessian]:
-    """The collected Hessians, warning for each module that saw fewer tokens than it has inputs."""
+    """The collected Hessians (summed over the ranks of a process group), warning for each module that saw
+    fewer tokens than it has inputs (on all ranks together)."""
+    hessians = collector.hessians()
     for name, (n_tokens, in_features) in collector.token_counts().items():
         needed = min_calibration_tokens(in_features)
         if n_tokens < needed:
@@ -517,4 +519,4 @@ def checked_hessians(layer: int, collector: SharedInputHessians) -> dict[str, to
                 f"the Hessian is rank-deficient below {needed} (it is dampened); give more --calib-windows",
                 stacklevel=3,
             )
-    return collector.hessians()
+    return hessians

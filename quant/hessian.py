@@ -296,9 +296,8 @@ class SharedInputHessians:
         return out
 
     def token_counts(self) -> dict[str, tuple[int, int]]:
-        """(tokens seen, in_features) per module, for the too-few-tokens warning (over every rank)."""
-        if len(self.source) == len(self.modules):
-            self._merge_ranks()
+        """(tokens seen, in_features) per module, for the too-few-tokens warning (over every rank once
+        `hessians()` has summed them)."""
         counts = {}
         for name in self.source:
             acc = self.accumulators[self.source[name]]

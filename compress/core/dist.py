@@ -220,8 +220,11 @@ def error_reported() -> bool:
 
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another process of the group stopped."""
-    return ranks() is not None and isinstance(exc, dist.DistError | RuntimeError) and (
-        isinstance(exc, dist.DistError) or "Connection closed by peer" in str(exc) or "gloo" in str(exc).lower())
+    if ranks() is None:
+        return False
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "gloo" in text.lower()))
 
 
 def where() -> str:

@@ -65,20 +65,12 @@ from layerwise.core.types import (
     write_file_atomic,
     write_json_atomic,
 )
-from layerwise.model.adapter import (
-    decoder_layers,
-    layers_path,
-    linear_modules,
-    linear_shape,
-    nonfinite_message,
-    nonfinite_tensors,
-    set_submodule,
-)
+from layerwise.model.adapter import decoder_layers, layers_path, nonfinite_message, nonfinite_tensors
 from layerwise.model.driver import LayerStep, stream_layers
 from layerwise.model.loading import check_causal_config, quiet_transformers
 from layerwise.model.placement import Placement
 from layerwise.model.shards import BadWeights, PendingTensor, SafetensorsSource, pending, safetensors_dtype
-from layerwise.output.checkpoint import unique_state_dict
+from layerwise.output.checkpoint import install_empty_quantized, unique_state_dict
 
 PARTIAL_FORMAT = "layerwise.partial"
 PARTIAL_VERSION = 2  # 2: fitted group sizes and packed zero points (checkpoint format version 2)
@@ -366,7 +358,7 @@ def replay_inputs(streamed: StreamedModel, windows: torch.Tensor, plan: Plan, me
     were quantized (`apply_plan` runs each quantized layer with dense weights to make the next inputs), so the
     inputs are the ones an uninterrupted run would have had.
     """
-    from layerwise.quant import QuantLinear, dense_weights
+    from layerwise.quant import dense_weights
 
     steps = stream_layers(streamed.model, windows, progress=False, weights=streamed, placement=placement,
                           reference=reference)
@@ -379,12 +371,7 @@ def replay_inputs(streamed: StreamedModel, windows: torch.Tensor, plan: Plan, me
             if reference:
                 assert step.reference is not None
                 step.reference_outputs = step.kept([step.keep(step.forward(h)) for h in step.reference])
-            for name, module in linear_modules(layer).items():
-                spec = action.module_spec(name, default_method=method, default_grid=grid)
-                if spec is not None:
-                    out_f, in_f = linear_shape(module)
-                    set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec.fit(in_f), dtype=streamed.dtype,
-                                                                 bias=getattr(module, "bias", None) is not None))
+            install_empty_quantized(layer, action, streamed.dtype, default_method=method, default_grid=grid)
             saved = safetensors.torch.load_file(work.layer_file(step.index), device=str(
                 next(layer.parameters()).device))
             head = f"{streamed.prefix}.{step.index}."

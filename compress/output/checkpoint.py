@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import layerwise
 from layerwise.core.bitstream import pack_zeros
 from layerwise.core.errors import LayerwiseError, write_error
-from layerwise.core.types import Plan
+from layerwise.core.types import DEFAULT_GRID, LayerAction, Plan
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_shape, set_submodule
 from layerwise.quant import QuantLinear
 
@@ -260,15 +260,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     _restructure(model, compacted)
     for action, layer in zip(compacted.layers, layers, strict=True):
-        for name, module in linear_modules(layer).items():
-            spec = action.module_spec(name)
-            if spec is None:
-                continue
-            out_f, in_f = linear_shape(module)
-            if meta["format_version"] >= 2:
-                spec = spec.fit(in_f)
-            has_bias = getattr(module, "bias", None) is not None
-            set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec, bias=has_bias, dtype=dtype))
+        install_empty_quantized(layer, action, dtype, fit=meta["format_version"] >= 2)
     _tie(model, compacted)
     state = _read_weights(path / WEIGHTS_FILE)
     if meta["format_version"] == 1:
@@ -284,6 +276,20 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return Checkpoint(model, tokenizer, plan, meta)
+
+
+def install_empty_quantized(layer: nn.Module, action: LayerAction, dtype: torch.dtype, *, fit: bool = True,
+                            default_method: str = "rtn", default_grid: str = DEFAULT_GRID) -> None:
+    """Replace each linear of `layer` that `action` quantizes by an empty `QuantLinear` of its spec (fitted to
+    its width unless `fit` is False: format-1 checkpoints), ready for `load_state_dict`."""
+    for name, module in linear_modules(layer).items():
+        spec = action.module_spec(name, default_method, default_grid)
+        if spec is None:
+            continue
+        out_f, in_f = linear_shape(module)
+        has_bias = getattr(module, "bias", None) is not None
+        set_submodule(layer, name, QuantLinear.empty(in_f, out_f, spec.fit(in_f) if fit else spec, bias=has_bias,
+                                                     dtype=dtype))
 
 
 def _read_plan(meta: dict[str, Any], meta_path: Path) -> Plan:
