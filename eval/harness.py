@@ -15,6 +15,9 @@ for. The model is wrapped in lm-eval's ``HFLM`` as it is (compressed modules inc
 `HFLM.get_model_info` is replaced so that no hub lookup happens. Every lm-eval task runs through its own
 ``simple_evaluate`` call, so each gets its wall time; all their data sets are loaded once up front, so
 a missing data set fails before any scoring starts.
+
+In a process group (`layerwise.core.dist`, e.g. under torchrun) lm-eval deals each task's documents among the
+ranks and gathers their metrics on rank 0, which sends the results to every rank.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.validate import check_numbers
 from layerwise.eval.perplexity import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
@@ -101,7 +105,6 @@ def evaluate(
 def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None, model: Any) -> Placement | None:
     """The placement of the evaluation's forwards (None: the CPU in float32, where the model is); under
     torchrun, this rank's device, once the process group is joined (`layerwise.core.dist`)."""
-    from layerwise.core import dist
     from layerwise.model.device import checkpoint_dtype, resolve_device, resolve_dtype
 
     resolved = dist.local_device(resolve_device(device))
@@ -322,6 +325,7 @@ class _HarnessSession:
                 if _is_data_error(exc):
                     raise self._data_error(task, exc) from None
                 raise
+            out = dist.from_main(out)  # lm-eval gathers the metrics on rank 0 alone
         entries = convert_lm_eval_results(out)
         if task in entries:
             entries[task]["seconds"] = round(time.perf_counter() - start, 2)
@@ -387,10 +391,21 @@ def _wrap(model: nn.Module, tokenizer: Any, batch_size: int, device: torch.devic
             finally:
                 self.batch_size_per_gpu = saved
 
+        # Data parallel over a process group (`layerwise.core.dist`): lm-eval deals each task's documents among
+        # the ranks by `rank` and `world_size` and gathers their metrics on rank 0 through these.
+        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            return dist.gather_along_first(tensor)
+
+        def barrier(self) -> None:
+            dist.barrier()
+
     # HFLM sets a pad token on the tokenizer it is given; keep the caller's tokenizer as it was.
     lm = LayerwiseLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     if device is not None:
         lm._device = device  # HFLM reads a model object's device once, at construction
+    group = dist.ranks()
+    if group is not None:  # HFLM takes a model object for a single process
+        lm._rank, lm._world_size = group.rank, group.world
     return lm
 
 

@@ -58,6 +58,12 @@ class LayerScorer:
 
         return set(inspect.signature(cls).parameters)
 
+    def splits_windows(self, model: nn.Module) -> bool:
+        """Whether, in a process group, this scorer reads only this rank's share of the windows (and sums what it
+        measures over the ranks) rather than all of them: `shares_windows`, unless the scorer splits its work
+        another way for this model."""
+        return self.shares_windows
+
     def windows_needed(self) -> int | None:
         """How many of the calibration windows this scorer reads (None: all of them).
 
@@ -133,7 +139,8 @@ def score_model(
     readers = [s for s in instances if s.needs_activations]
     _check_inputs(scorers, instances, windows, weights)
     start = time.perf_counter()
-    sharded = windows is not None and bool(readers) and all(s.shares_windows for s in readers) and not dist.is_alone()
+    sharded = (windows is not None and bool(readers) and not dist.is_alone()
+               and all(s.splits_windows(model) for s in readers))
     if sharded:
         assert windows is not None
         windows = dist.shard(windows)

@@ -28,6 +28,18 @@ Cost: one forward and backward pass over `damage_windows` windows (the first of 
 then per layer one reference run and one run per option on those windows; the stream advances only them
 unless another scorer in the same pass reads more. GPTQ options use Hessians collected during that
 reference run (on every streamed window), shared by modules that read the same input.
+
+In a process group (`layerwise.core.dist`) the GPTQ sweeps of a layer's options are dealt among the ranks, and
+the layer runs are split one of two ways (`split`):
+
+- ``windows``: each rank runs the reference and every option on its share of the damage windows, and the
+  Hessians, Fisher sums and damages are summed over ranks;
+- ``options``: each rank runs the reference on every damage window and its share of the option runs on them;
+  each damage is measured by one rank and sent to the others.
+
+Per rank and layer, sharing windows costs ``ceil(W / N) * (1 + R)`` layer runs of a window (W damage windows,
+N ranks, R option runs), sharing options ``W * (1 + ceil(R / N))``. ``auto`` picks the cheaper: windows, unless
+there are fewer windows than ranks or many more runs than windows (docs/RESULTS.md measures both).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from layerwise.core import dist
+from layerwise.core.errors import LayerwiseError
 from layerwise.core.progress import bar
 from layerwise.core.types import QuantSpec, check_granularity, module_units, parse_options, unit_name
 from layerwise.importance.base import SCORERS, LayerScorer
@@ -71,6 +84,8 @@ DEFAULT_OPTIONS = "2:128,3:128,3:256,4:128,4:256,8:128"
 DEFAULT_DAMAGE_WINDOWS = 24
 # Tokens per piece of the Fisher pass's loss (see `_backward_nll`).
 LOSS_CHUNK_TOKENS = 128
+# How the layer runs are split among the ranks of a process group (see the module's docstring).
+SPLITS = ("auto", "windows", "options")
 # Config fields of logit rescaling that `_backward_nll` does not reproduce (Cohere, Granite).
 _UNCHUNKED_LOGIT_SCALING = ("logit_scale", "logits_scaling")
 
@@ -89,18 +104,30 @@ class SensitivityScorer(LayerScorer):
         method: str = "rtn",
         damage_windows: int = DEFAULT_DAMAGE_WINDOWS,
         granularity: str = "layer",
+        split: str = "auto",
     ) -> None:
         if isinstance(options, list) and options and isinstance(options[0], QuantSpec):
             self.options: list[QuantSpec] = list(options)  # type: ignore[arg-type]
         else:
             self.options = parse_options(options, default_method=method)  # type: ignore[arg-type]
         check_granularity(granularity)
+        if split not in SPLITS:
+            raise LayerwiseError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.damage_windows = damage_windows
         self.granularity = granularity
+        self.split = split
         self._damage: dict[str, list[float]] = {o.option(): [] for o in self.options}
         self._module_damage: list[dict[str, dict[str, float]]] = []
         self._fisher: list[torch.Tensor] = []
         self._collector: SharedInputHessians | None = None
+
+    def splits_windows(self, model: nn.Module) -> bool:
+        group = dist.ranks()
+        if self.split != "auto" or group is None:
+            return self.split != "options"
+        names = list(linear_modules(decoder_layers(model)[0]))
+        units = 1 if self.granularity == "layer" else len(module_units(names, self.granularity))
+        return choose_split(self.damage_windows, len(self.options) * units, group.world) == "windows"
 
     def windows_needed(self) -> int:
         # Sharded: this rank's part of the first damage_windows (windows are dealt round-robin).
@@ -110,14 +137,20 @@ class SensitivityScorer(LayerScorer):
         assert windows is not None
         if self.sharded:
             dist.check_shareable(self.damage_windows, "damage windows", "damage_windows")
-        self._fisher = output_fisher(model, windows[: self.windows_needed()], batch_size, placement=self.placement,
-                                     progress=self.progress, across_ranks=self.sharded)
+        windows = windows[: self.windows_needed()]
+        group = dist.ranks()
+        # Split by options, the Fisher pass (a whole-model backward) is still split by windows where it can be.
+        across_ranks = self.sharded or (group is not None and windows.shape[0] >= group.world)
+        if across_ranks and not self.sharded:
+            windows = dist.shard(windows)
+        self._fisher = output_fisher(model, windows, batch_size, placement=self.placement, progress=self.progress,
+                                     across_ranks=across_ranks)
 
     def observe(self, step: LayerStep) -> AbstractContextManager[object]:
         # GPTQ options need the layer's Hessians: collected during the stream's own reference run.
         if not any(needs_hessian(o) for o in self.options):
             return nullcontext()
-        self._collector = SharedInputHessians(linear_modules(step.layer))
+        self._collector = SharedInputHessians(linear_modules(step.layer), across_ranks=self.sharded)
         return self._collector
 
     @torch.inference_mode()
@@ -137,13 +170,18 @@ class SensitivityScorer(LayerScorer):
             for option in self.options
             for name, module in modules.items()
         ]
-        quantized = iter(quantize_modules(jobs))
+        quantized = iter(quantize_modules(jobs, across_ranks=True))  # GPTQ's sweeps dealt among ranks
         by_option = {option.option(): {name: next(quantized) for name in modules} for option in self.options}
         # Each run's Fisher-weighted squared error summed over this rank's tokens; all of a layer's runs are
-        # summed over ranks at once, with the token count, and divided after.
+        # summed over ranks at once, with the token count, and divided after. Split by options, run r is
+        # measured by rank r mod N alone (the others add 0), on every window.
         sums: list[float] = []
+        group = None if self.sharded else dist.ranks()
 
         def measure(replacements: dict[str, nn.Module]) -> int:
+            if group is not None and len(sums) % group.world != group.rank:
+                sums.append(0.0)
+                return len(sums) - 1
             with _swapped(step.layer, replacements), dense_weights(replacements.values()):
                 sums.append(sum(
                     float(((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
@@ -156,8 +194,11 @@ class SensitivityScorer(LayerScorer):
             runs = {label: measure(replacements) for label, replacements in by_option.items()}
         else:
             unit_runs = self._unit_runs(list(modules), by_option, measure)
-        local = [*sums, float(sum(y.shape[0] * y.shape[1] for y in reference))]
-        *totals, n_tokens = dist.sum_floats(local) if self.sharded else local
+        n_tokens = float(sum(y.shape[0] * y.shape[1] for y in reference))
+        if self.sharded:
+            *totals, n_tokens = dist.sum_floats([*sums, n_tokens])
+        else:
+            totals = dist.sum_floats(sums) if group is not None else sums
         damages = [0.5 * total / n_tokens for total in totals]
         if self.granularity == "layer":
             for label, run in runs.items():
@@ -193,6 +234,16 @@ class SensitivityScorer(LayerScorer):
 
     def module_damage(self) -> list[dict[str, dict[str, float]]]:
         return self._module_damage
+
+
+def choose_split(windows: int, runs: int, world: int) -> str:
+    """``windows`` or ``options``: how `world` ranks split a layer's `runs` option runs over `windows` damage
+    windows at the least layer runs of a window per rank (see the module's docstring)."""
+    if windows < world:
+        return "options"
+    by_windows = -(-windows // world) * (1 + runs)
+    by_options = windows * (1 + -(-runs // world))
+    return "windows" if by_windows <= by_options else "options"
 
 
 def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,

@@ -7,16 +7,19 @@ Hugging Face models use two linear layouts: `nn.Linear` (weight stored (out, in)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.model.adapter import LINEAR_TYPES, linear_weight
 from layerwise.quant.hessian import AsymmetricHessian
 from layerwise.quant.qlinear import QuantLinear
 from layerwise.quant.quantized import QuantizedWeight
-from layerwise.quant.registry import QUANTIZERS
+from layerwise.quant.registry import QUANTIZERS, needs_hessian
 
 
 def _check_linear(module: nn.Module) -> torch.Tensor:
@@ -52,6 +55,8 @@ def quantize_module(module: nn.Module, spec: QuantSpec,
 
 def quantize_modules(
     jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
+    *,
+    across_ranks: bool = False,
 ) -> list[QuantLinear]:
     """`quantize_module` for each (module, spec, hessian) job, sharing work between jobs where it can.
 
@@ -61,9 +66,17 @@ def quantize_modules(
     options of those modules. Specs are fitted to each module's width first (`QuantSpec.fit`), and jobs
     that then coincide (options 3:128 and 3:256 both become group 64 on a 576-wide module) are quantized
     once and share the result.
+
+    `across_ranks`: every rank of a process group calls this with the same jobs (the same weights and
+    Hessians), and the calibrated quantizations (GPTQ's sweeps, the costly part) are dealt among the ranks
+    by their cost (`dist.deal`); each rank does its share, then every result is sent from its rank to the
+    others (`dist.broadcast_from_owners`). A sweep is done whole by one rank, so each result is the one a single
+    process computes. Quantizers that read no Hessian (RTN) are cheaper to repeat than to send: every rank
+    runs them. Alone, or without `across_ranks`, every job runs here.
     """
     jobs = [(module, spec.fit(_check_linear(module).shape[1]), hessian) for module, spec, hessian in jobs]
     results: list[QuantLinear | None] = [None] * len(jobs)
+    units: list[list[int]] = []  # quantized in one call each: a job alone, or the jobs of one sweep
     batches: dict[tuple[str, int, bool], list[int]] = {}
     first: dict[tuple[int, QuantSpec, int], int] = {}
     repeats: dict[int, int] = {}
@@ -74,20 +87,81 @@ def quantize_modules(
             continue
         first[key] = index
         if not QUANTIZERS.get(spec.method).shares_hessian or hessian is None:
-            results[index] = quantize_module(module, spec, hessian)
+            units.append([index])
         else:
             # GGUF types and integer grids sweep apart: their groups are fixed differently.
-            batches.setdefault((spec.method, id(hessian), spec.gguf is not None), []).append(index)
-    for (method, _, _), indices in batches.items():
-        weights = [_check_linear(jobs[i][0]) for i in indices]
-        hessian = jobs[indices[0]][2]
-        quantized = QUANTIZERS.get(method)().quantize_shared(weights, [jobs[i][1] for i in indices], hessian)
-        for i, weight, qw in zip(indices, weights, quantized, strict=True):
-            results[i] = _wrap(jobs[i][0], weight, qw, method)
+            key = (spec.method, id(hessian), spec.gguf is not None)
+            if key not in batches:
+                batches[key] = []
+                units.append(batches[key])
+            batches[key].append(index)
+    group = dist.ranks() if across_ranks else None
+    owners = _owners(units, jobs) if group is not None else [None] * len(units)
+    with dist.warnings_shared() if group is not None else nullcontext():
+        for unit, owner in zip(units, owners, strict=True):
+            if owner is None or owner == group.rank:  # type: ignore[union-attr]
+                _quantize_unit(jobs, unit, results)
+            else:  # filled by its owner below
+                for i in unit:
+                    results[i] = _empty_like(jobs[i][0], jobs[i][1])
+    if group is not None:
+        sent = [(t, owner) for unit, owner in zip(units, owners, strict=True) if owner is not None
+                for i in unit for t in _stored(results[i])]  # type: ignore[arg-type]
+        dist.broadcast_from_owners([t for t, _ in sent], [o for _, o in sent])  # type: ignore[misc]
     for index, original in repeats.items():
         results[index] = results[original]
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def _quantize_unit(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
+                   unit: list[int], results: list[QuantLinear | None]) -> None:
+    module, spec, hessian = jobs[unit[0]]
+    quantizer = QUANTIZERS.get(spec.method)
+    if not quantizer.shares_hessian or hessian is None:
+        results[unit[0]] = quantize_module(module, spec, hessian)
+        return
+    weights = [_check_linear(jobs[i][0]) for i in unit]
+    quantized = quantizer().quantize_shared(weights, [jobs[i][1] for i in unit], hessian)
+    for i, weight, qw in zip(unit, weights, quantized, strict=True):
+        results[i] = _wrap(jobs[i][0], weight, qw, spec.method)
+
+
+def _owners(units: list[list[int]],
+            jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]]) -> list[int | None]:
+    """The rank that quantizes each unit (`dist.deal` by a sweep's cost), None for units every rank repeats."""
+    dealt = [u for u, unit in enumerate(units) if needs_hessian(jobs[unit[0]][1]) and jobs[unit[0]][2] is not None]
+    owners: list[int | None] = [None] * len(units)
+    costs = [_sweep_cost([jobs[i][0] for i in units[u]]) for u in dealt]
+    for u, owner in zip(dealt, dist.deal(costs), strict=True):
+        owners[u] = owner
+    return owners
+
+
+def _sweep_cost(modules: list[nn.Module]) -> float:
+    """A GPTQ sweep's work up to a constant factor: factorising the inputs' Hessian, then each column's error
+    pushed onto the columns after it, in every row of every weight."""
+    in_features = linear_weight(modules[0]).shape[1]
+    rows = sum(linear_weight(m).shape[0] for m in modules)
+    return float(in_features ** 3 + rows * in_features ** 2)
+
+
+def _empty_like(module: nn.Module, spec: QuantSpec) -> QuantLinear:
+    """The `QuantLinear` that quantizing `module` with `spec` gives, its stored tensors not yet filled (another
+    rank computes them) and its bias copied from `module`."""
+    weight = linear_weight(module)
+    bias = getattr(module, "bias", None)
+    qlinear = QuantLinear(weight.shape[1], weight.shape[0], spec, bias=bias is not None,
+                          dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
+    if bias is not None:
+        assert qlinear.bias is not None
+        qlinear.bias.copy_(bias.detach())
+    return qlinear
+
+
+def _stored(qlinear: QuantLinear) -> list[torch.Tensor]:
+    """The tensors a quantizer computed (the bias is the module's own)."""
+    return [t for t in (qlinear.qweight, qlinear.scales, qlinear.zeros) if t is not None]
 
 
 def relative_error(before: torch.Tensor | nn.Module, qlinear: QuantLinear) -> float:

@@ -194,9 +194,12 @@ class SharedInputHessians:
     module's input, then the same batch's forward on the quantized stream under the context manager, which
     pairs each input with the recorded one and forgets them on exit (one batch of each stream held at a time).
     Their entry in `hessians()` is then an `AsymmetricHessian`, likewise shared by modules that share an input.
+
+    In a process group each rank reads its share of the windows and `hessians()` sums the ranks' parts; with
+    `across_ranks` False every rank read all of them, and its own sums are the whole.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], cross: Iterable[str] = ()) -> None:
+    def __init__(self, modules: dict[str, nn.Module], cross: Iterable[str] = (), *, across_ranks: bool = True) -> None:
         self.in_features = {name: _check_linear(module) for name, module in modules.items()}
         self.modules = modules
         self.cross = frozenset(cross)
@@ -209,7 +212,7 @@ class SharedInputHessians:
         self._recent: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._handles: list[RemovableHandle] = []
         self._reference: dict[str, torch.Tensor] = {}  # this batch's full-precision input of every module
-        self._merged = False
+        self._merged = not across_ranks
 
     def _collect(self, name: str, x: torch.Tensor) -> None:
         self._recent = [(ref, owner) for ref, owner in self._recent if ref() is not None]

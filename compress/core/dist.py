@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +180,88 @@ def sum_floats(values: list[float]) -> list[float]:
     if ranks() is None:
         return list(values)
     return sum_in_order(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def deal(costs: list[float]) -> list[int]:
+    """The rank that does each of several independent jobs of the given `costs`: the costliest first, each to
+    the rank with the least work so far (the lowest such rank on a tie). Every rank computes the same answer
+    from the same costs; alone, rank 0 does everything."""
+    group = ranks()
+    owners = [0] * len(costs)
+    if group is None:
+        return owners
+    load = [0.0] * group.world
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        owner = min(range(group.world), key=lambda r: (load[r], r))
+        owners[job] = owner
+        load[owner] += costs[job]
+    return owners
+
+
+def broadcast_from_owners(tensors: list[torch.Tensor], owners: list[int]) -> None:
+    """Fill every rank's `tensors[i]` with its owner's (`owners[i]`): each rank passes tensors of the same shapes
+    and dtypes, the owner's holding the values. One message per owning rank: its tensors' bytes, concatenated."""
+    group = ranks()
+    if group is None:
+        return
+    for owner in range(group.world):
+        mine = [t for t, o in zip(tensors, owners, strict=True) if o == owner and t.numel()]
+        if not mine:
+            continue
+        device = _communication_device(mine[0])
+        if group.rank == owner:
+            message = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(device) for t in mine])
+        else:
+            message = torch.empty(sum(t.numel() * t.element_size() for t in mine), dtype=torch.uint8, device=device)
+        dist.broadcast(message, src=owner)
+        if group.rank != owner:
+            offset = 0
+            for t in mine:
+                size = t.numel() * t.element_size()
+                t.copy_(message[offset:offset + size].view(t.dtype).reshape(t.shape))
+                offset += size
+
+
+@contextmanager
+def warnings_shared() -> Iterator[None]:
+    """Warnings raised in the block on any rank are raised again on every rank, in rank order, when it ends.
+
+    For work dealt among the ranks (`deal`): only rank 0 shows warnings, and it must see those of the jobs the
+    other ranks did. Alone, warnings pass through untouched.
+    """
+    if ranks() is None:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    mine = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    for message, category, filename, lineno in (w for part in seen for w in part):
+        warnings.warn_explicit(message, category, filename, lineno)
+
+
+def gather_along_first(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (a scalar counts as one row), concatenated in rank order along the first dimension,
+    on every rank: what lm-eval expects of a data-parallel model's ``all_gather``."""
+    group = ranks()
+    rows = tensor.reshape(1) if tensor.ndim == 0 else tensor
+    if group is None:
+        return rows
+    local = rows.detach().to(_communication_device(rows)).contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.world)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if ranks() is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def agree(what: str, value: Any) -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import DEFAULT_GRID, LayerOutcome, Plan, QuantSpec, check_grid
 from layerwise.model.adapter import decoder_layers, linear_modules, linear_shape, linear_weight, set_submodule
@@ -260,16 +261,20 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
     Hessian and float weights dropped as soon as it is done, so that at most one group's quantization
     temporaries and the Hessians still to use are in memory with the layer (not every Hessian, every
     float weight and every quantized copy at once). Groups are independent: the result is the same.
+    In a process group the groups are instead dealt among the ranks in one call (`quantize_modules`), each
+    rank holding the layer's Hessians and float weights until every group is done.
     """
     groups: dict[int, list[str]] = {}
     for name in modules:
         hessian = hessians.get(name)
         groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
+    if not dist.is_alone():
+        groups = {0: list(modules)}
     errors: dict[str, float] = {}
     sq_norms: dict[str, float] = {}
     for group in groups.values():
         jobs = [(modules[name], specs[name], hessians.pop(name, None)) for name in group]
-        quantized = quantize_modules(jobs)  # type: ignore[arg-type]
+        quantized = quantize_modules(jobs, across_ranks=True)  # type: ignore[arg-type]
         del jobs
         for name, qlinear in zip(group, quantized, strict=True):
             weight = linear_weight(modules.pop(name)).detach()

@@ -177,11 +177,10 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         recipe.structure.check(len(state.shapes))
         _budget_dry_run(state)
         with state.clock.phase("calibrate"):
-            _calibrate(state, calib)
-            if group is not None:
-                dist.agree("calibration windows", _sha256(state.windows))
-                if state.windows is not None:
-                    dist.check_shareable(state.windows.shape[0])  # before any slow phase
+            if group is None:
+                _calibrate(state, calib)
+            else:
+                _calibrate_group(state, calib)
         sink.start(_run_info(state))
         return _compress(state, progress)
     except BaseException as exc:
@@ -191,10 +190,23 @@ def run(recipe: Recipe, source: Source, sink: Sink, *, calib: torch.Tensor | Non
         sink.close()
 
 
+# Values of each tensor that `weights_digest` reads, evenly spaced: enough to tell other model files apart (a
+# fine-tune or another revision changes a matrix everywhere), at a cost that does not grow with the model.
+DIGEST_SAMPLES = 4096
+
+
 def weights_digest(model: nn.Module) -> list[Any]:
-    """A cheap fingerprint of the model's weights that ranks compare: each tensor's name, shape and sum."""
-    return [(name, list(p.shape), float(torch.sum(p.detach(), dtype=torch.float64)))
-            for name, p in model.state_dict().items() if p.device.type != "meta"]
+    """A cheap fingerprint of the model's weights that ranks compare: each tensor's name, shape, dtype and the
+    sha256 of `DIGEST_SAMPLES` of its values, evenly spaced."""
+    digest = []
+    for name, p in model.state_dict().items():
+        if p.device.type == "meta":
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // DIGEST_SAMPLES)].contiguous().cpu()
+        data = sample.view(torch.uint8) if sample.numel() else sample
+        digest.append((name, list(p.shape), str(p.dtype), hashlib.sha256(data.numpy().tobytes()).hexdigest()))
+    return digest
 
 
 def resolve_rotation(recipe: Recipe, source: Source) -> Recipe:
@@ -341,6 +353,21 @@ def _calibrate(state: _Run, calib: torch.Tensor | None) -> None:
     c = recipe.calibration
     state.windows, state.calib_summary = calibration(state.source.tokenizer, c.corpus if calib is None else calib,
                                                      c.windows, c.length, reader)
+
+
+def _calibrate_group(state: _Run, calib: torch.Tensor | None) -> None:
+    """`_calibrate` in a process group: rank 0 tokenizes the calibration text and sends every rank the windows;
+    windows a caller gave each rank are compared instead. Refuses too few windows to share, before any slow
+    phase."""
+    if calib is None:
+        if dist.is_main():
+            _calibrate(state, None)
+        state.windows, state.calib_summary = dist.from_main((state.windows, state.calib_summary))
+    else:
+        _calibrate(state, calib)
+        dist.agree("calibration windows", _sha256(state.windows))
+    if state.windows is not None:
+        dist.check_shareable(state.windows.shape[0])
 
 
 def calibration(tokenizer: Any, calib: str | torch.Tensor, n_windows: int, window_len: int,

@@ -17,6 +17,7 @@ import torch
 import layerwise
 from layerwise.core import dist
 from layerwise.engine.streaming import KILL_ENV, partial_dir
+from layerwise.importance.sensitivity import choose_split
 from layerwise.model.adapter import decoder_layers, linear_modules
 
 CALIB = ["--calib", "pydoc", "--calib-windows", "8", "--calib-len", "32"]
@@ -122,6 +123,44 @@ def test_two_ranks_measure_the_perplexity_of_one(tiny_model_dir, tmp_path):
     assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-9)
 
 
+# Evaluates the model on layerwise's offline lm-eval tasks (in a group when argv[2] says so) and prints the results
+# with how many loglikelihood requests this rank ran.
+EVAL_RUNNER = """
+import json, sys, torch.distributed
+from lm_eval.models.huggingface import HFLM
+from layerwise.eval import evaluate
+if sys.argv[2] == "group":
+    torch.distributed.init_process_group("gloo")
+counted = []
+plain = HFLM.loglikelihood
+def loglikelihood(self, requests, disable_tqdm=False):
+    counted.append(len(requests))
+    return plain(self, requests, disable_tqdm=disable_tqdm)
+HFLM.loglikelihood = loglikelihood
+result = evaluate(sys.argv[1], "wiki_mc,wiki_ppl", limit=6, progress=False)
+results = {task: {k: v for k, v in entry.items() if k != "seconds"} for task, entry in result.results.items()}
+print(json.dumps({"requests": sum(counted), "results": results}))
+"""
+
+
+def test_two_ranks_split_the_lm_eval_documents_and_get_the_results_of_one(tiny_model_dir):
+    """lm-eval deals each task's documents among the ranks and gathers their metrics: every rank returns the
+    results of one process, having run about half of the requests."""
+    script = textwrap.dedent(EVAL_RUNNER)
+    one = launch([[tiny_model_dir, "alone"]], script=script)
+    two = launch([[tiny_model_dir, "group"]] * 2, script=script)
+    assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
+    alone, *ranks = (json.loads(r.stdout.strip().splitlines()[-1]) for r in one + two)
+    assert ranks[0]["results"] == ranks[1]["results"]
+    assert alone["requests"] > 0 and all(r["requests"] < alone["requests"] for r in ranks)
+    assert sum(r["requests"] for r in ranks) >= alone["requests"]  # lm-eval pads the shorter share
+    for task in ("wiki_mc", "wiki_ppl"):
+        assert ranks[0]["results"][task]["samples"] == alone["results"][task]["samples"] == 6
+        for metric, value in alone["results"][task].items():
+            if "stderr" not in metric and isinstance(value, float):
+                assert ranks[0]["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
 def test_ranks_given_different_arguments_are_refused_before_any_work(tiny_model_dir, tmp_path):
     results = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "out"],
                       ["compress", tiny_model_dir, *COMPRESS, "--bits", "4", "--out", tmp_path / "out"]])
@@ -181,6 +220,104 @@ def test_streamed_ranks_resume_after_a_rank_is_killed(tiny_model_dir, tmp_path):
         assert torch.linalg.norm(a[name] - b[name]) <= 1e-3 * torch.linalg.norm(a[name]), name
 
 
+# Each rank quantizes the same jobs with GPTQ's sweeps dealt among the ranks, then alone, and prints whether every
+# stored tensor agrees, how many sweeps it did itself, and the warnings it was shown.
+DEALT_RUNNER = """
+import warnings
+import torch, torch.distributed
+from torch import nn
+from layerwise.core.types import QuantSpec
+import layerwise.quant.apply as apply
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+def hessian(width):
+    x = torch.randn(256, width)
+    return 2 * x.T @ x / 256
+shared, alone = hessian(32), hessian(48)
+q, k, o = nn.Linear(32, 24), nn.Linear(32, 8), nn.Linear(48, 32, bias=False)
+jobs = [(q, QuantSpec(4, 16, "gptq"), shared), (k, QuantSpec(4, 16, "gptq"), shared),
+        (o, QuantSpec(3, 16, "gptq"), alone), (o, QuantSpec(2, 16, "gptq"), alone),
+        (q, QuantSpec(4, 16, "rtn"), None), (k, QuantSpec(4, 16, "gptq"), shared)]
+done = []
+plain = apply._quantize_unit
+def counted(jobs, unit, results):
+    done.append(unit)
+    if jobs[unit[0]][1].method == "gptq":
+        warnings.warn(f"sweep of {len(unit)} on rank {torch.distributed.get_rank()}")
+    plain(jobs, unit, results)
+apply._quantize_unit = counted
+with warnings.catch_warnings(record=True) as shown:
+    warnings.simplefilter("always")
+    dealt = apply.quantize_modules(jobs, across_ranks=True)
+mine = len(done)
+local = apply.quantize_modules(jobs)
+same = all(torch.equal(a, b) for x, y in zip(dealt, local)
+           for a, b in zip(x.state_dict().values(), y.state_dict().values()))
+print(same, dealt[5] is dealt[1], mine, sorted(str(w.message) for w in shown))
+"""
+
+
+def test_gptq_sweeps_are_dealt_among_ranks_and_sent_back():
+    """The GPTQ sweeps (q/k together, o at 3 and at 2 bits together) are done by one rank each, the RTN job by both,
+    and every rank ends with the results of one process, byte for byte; warnings from either rank's sweeps are
+    raised on every rank."""
+    results = launch([[]] * 2, script=textwrap.dedent(DEALT_RUNNER))
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    printed = [r.stdout.strip() for r in results]
+    expected_warnings = "['sweep of 2 on rank 0', 'sweep of 2 on rank 1']"
+    assert {p.split(" ", 3)[3] for p in printed} == {expected_warnings}, printed
+    assert all(p.startswith("True True 2 ") for p in printed), printed  # one sweep and the RTN job each
+
+
+# Scores the model with the sensitivity scorer (GPTQ options, per module) split as argv[2] says ("alone": no group)
+# and prints the measured damages.
+SPLIT_RUNNER = """
+import json, sys, torch, torch.distributed
+from transformers import AutoModelForCausalLM
+from layerwise.importance.base import score_model
+if sys.argv[2] != "alone":
+    torch.distributed.init_process_group("gloo")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
+options = {"options": "2:32,4:32", "method": "gptq", "damage_windows": 6, "granularity": "fused",
+           "split": "auto" if sys.argv[2] == "alone" else sys.argv[2]}
+scores = score_model(model, ["sensitivity"], windows, scorer_options={"sensitivity": options}, progress=False)
+print(json.dumps(scores["sensitivity"].module_damage))
+"""
+
+
+@pytest.mark.parametrize("split", ["windows", "options"])
+def test_sensitivity_split_by_windows_or_by_options_measures_the_damages_of_one_process(tiny_model_dir, split):
+    """Sharing the windows (sums over ranks) or the option runs (each run measured by one rank), 2 ranks measure
+    every damage that one process does, to float64 rounding of the sums' order."""
+    script = textwrap.dedent(SPLIT_RUNNER)
+    one = launch([[tiny_model_dir, "alone"]], script=script)
+    two = launch([[tiny_model_dir, split]] * 2, script=script)
+    assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
+    alone, *ranks = (json.loads(r.stdout) for r in one + two)
+    assert ranks[0] == ranks[1]  # every rank holds every damage
+    flat = [(d, u, o) for d, layer in enumerate(alone) for u, by_option in layer.items() for o in by_option]
+    assert len(flat) == 4 * 4 * 2  # 4 layers; q/k/v, o, gate/up and down; both options
+    for d, u, o in flat:
+        assert ranks[0][d][u][o] == pytest.approx(alone[d][u][o], rel=1e-5), (d, u, o)
+
+
+def test_the_cheaper_split_is_chosen():
+    assert choose_split(24, 6, 2) == "windows"  # 12 x 7 = 84 layer runs of a window per rank, against 24 x 4 = 96
+    assert choose_split(2, 36, 8) == "options"  # fewer windows than ranks
+    assert choose_split(3, 40, 2) == "options"  # 2 x 41 = 82 (one rank gets 2 of the 3 windows) against 3 x 21 = 63
+    assert choose_split(8, 40, 8) == "windows"  # 1 x 41 against 8 x 6 = 48
+
+
+def test_jobs_are_dealt_costliest_first_to_the_least_loaded_rank(monkeypatch):
+    monkeypatch.setattr(dist, "ranks", lambda: dist.Ranks(0, 2, 0, "gloo"))
+    costs = [3.0, 5.0, 3.0, 4.0, 3.0]
+    owners = dist.deal(costs)
+    assert owners == [1, 0, 0, 1, 1]  # 5 -> 0, 4 -> 1, then the 3s in order: to 1 (7), 0 (8), 1 (10)
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in (0, 1)]
+    assert abs(loads[0] - loads[1]) <= max(costs)
+
+
 def test_windows_are_dealt_round_robin(monkeypatch):
     """Rank r reads windows r, r + N, ...: the first k windows of the set are the first local_count(k) of each
     share, so a scorer reading a leading subset reads the same windows on N ranks as on one."""
@@ -195,10 +332,28 @@ def test_windows_are_dealt_round_robin(monkeypatch):
         dist.shard(windows[:2])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_weights_digest_tells_other_weights_apart(arch):
+    """Ranks compare a hash of a few thousand values per tensor: equal for the same weights, different in the one
+    tensor that changed, as a fine-tune changes a matrix (everywhere)."""
+    from conftest import tiny_model
+
+    from layerwise.engine.pipeline import weights_digest
+
+    model = tiny_model(arch)
+    assert weights_digest(model) == weights_digest(tiny_model(arch))
+    with torch.no_grad():
+        linear_modules(decoder_layers(model)[1]).popitem()[1].weight.mul_(1.001)
+    changed = [a for a, b in zip(weights_digest(model), weights_digest(tiny_model(arch)), strict=True) if a != b]
+    assert len(changed) == 1 and ".1." in changed[0][0], changed
+    assert weights_digest(tiny_model(arch, seed=1)) != weights_digest(model)
+
+
 def test_alone_every_helper_is_the_identity():
     assert dist.ranks() is None and dist.is_main() and dist.where() == ""
     t = torch.randn(3)
     assert dist.sum_in_order(t) is t and dist.sum_floats([1.5]) == [1.5] and dist.shard(t) is t
+    assert dist.deal([2.0, 1.0]) == [0, 0]
     dist.agree("anything", {"a": 1})  # nothing to compare against
 
 

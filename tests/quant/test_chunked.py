@@ -56,6 +56,21 @@ def test_squared_norm_and_all_finite():
         assert not all_finite(v, chunk=1000)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_is_not_fooled_by_a_sum_that_overflows(dtype):
+    """Finite values whose sum overflows are finite; one NaN or Inf among them is found (each piece's sum is
+    checked first, the values themselves when the sum is not finite)."""
+    large = torch.finfo(dtype).max / 2
+    w = torch.full((4000,), large, dtype=dtype)
+    assert all_finite(w, chunk=1000)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        v = w.clone()
+        v[2500] = bad
+        assert not all_finite(v, chunk=1000)
+    mixed = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # a sum of NaN: still refused
+    assert not all_finite(mixed)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_in_chunks_round_trips(monkeypatch, bits):
     codes = torch.randint(0, 2**bits, (37, 53), dtype=torch.int32)
