@@ -141,15 +141,16 @@ def score_model(
     start = time.perf_counter()
     sharded = (windows is not None and bool(readers) and not dist.is_alone()
                and all(s.splits_windows(model) for s in readers))
+    for scorer in instances:  # before trimming: a sharded scorer counts the windows it needs in this rank's share
+        scorer.progress = progress
+        scorer.placement = placement
+        scorer.sharded = sharded
     if sharded:
         assert windows is not None
         windows = dist.shard(windows)
     if windows is not None:
         windows = _windows_for(readers, windows)
     for scorer in instances:
-        scorer.progress = progress
-        scorer.placement = placement
-        scorer.sharded = sharded
         scorer.prepare(model, windows, batch_size)
     values = _score_layers(model, scorers, instances, windows, batch_size, progress, weights, placement)
     seconds = time.perf_counter() - start

@@ -279,10 +279,11 @@ if sys.argv[2] != "alone":
     torch.distributed.init_process_group("gloo")
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
-options = {"options": "2:32,4:32", "method": "gptq", "damage_windows": 6, "granularity": "fused",
+options = {"options": "2:32,4:32", "method": "gptq", "damage_windows": 4, "granularity": "fused",
            "split": "auto" if sys.argv[2] == "alone" else sys.argv[2]}
-scores = score_model(model, ["sensitivity"], windows, scorer_options={"sensitivity": options}, progress=False)
-print(json.dumps(scores["sensitivity"].module_damage))
+scores = score_model(model, ["sensitivity"], windows, calibration={"corpus": "random"},
+                     scorer_options={"sensitivity": options}, progress=False)["sensitivity"]
+print(json.dumps({"damage": scores.module_damage, "calibration": scores.calibration}))
 """
 
 
@@ -296,6 +297,9 @@ def test_sensitivity_split_by_windows_or_by_options_measures_the_damages_of_one_
     assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
     alone, *ranks = (json.loads(r.stdout) for r in one + two)
     assert ranks[0] == ranks[1]  # every rank holds every damage
+    # What was read, as one process reads it: the 4 damage windows of the 6, not every rank's share of all 6.
+    assert ranks[0]["calibration"] == alone["calibration"] == {"corpus": "random", "windows": 4, "tokens": 128}
+    alone, ranks = alone["damage"], [r["damage"] for r in ranks]
     flat = [(d, u, o) for d, layer in enumerate(alone) for u, by_option in layer.items() for o in by_option]
     assert len(flat) == 4 * 4 * 2  # 4 layers; q/k/v, o, gate/up and down; both options
     for d, u, o in flat:
