@@ -86,7 +86,7 @@ def quantize_modules(
             repeats[index] = first[key]
             continue
         first[key] = index
-        if not QUANTIZERS.get(spec.method).shares_hessian or hessian is None:
+        if not _sweeps_together(spec, hessian):
             units.append([index])
         else:
             # GGUF types and integer grids sweep apart: their groups are fixed differently.
@@ -117,14 +117,18 @@ def quantize_modules(
 def _quantize_unit(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
                    unit: list[int], results: list[QuantLinear | None]) -> None:
     module, spec, hessian = jobs[unit[0]]
-    quantizer = QUANTIZERS.get(spec.method)
-    if not quantizer.shares_hessian or hessian is None:
+    if not _sweeps_together(spec, hessian):
         results[unit[0]] = quantize_module(module, spec, hessian)
         return
     weights = [_check_linear(jobs[i][0]) for i in unit]
-    quantized = quantizer().quantize_shared(weights, [jobs[i][1] for i in unit], hessian)
+    quantized = QUANTIZERS.get(spec.method)().quantize_shared(weights, [jobs[i][1] for i in unit], hessian)
     for i, weight, qw in zip(unit, weights, quantized, strict=True):
         results[i] = _wrap(jobs[i][0], weight, qw, spec.method)
+
+
+def _sweeps_together(spec: QuantSpec, hessian: torch.Tensor | AsymmetricHessian | None) -> bool:
+    """Whether the job joins the other jobs of its method and Hessian in one pass (its quantizer's `shares_hessian`)."""
+    return QUANTIZERS.get(spec.method).shares_hessian and hessian is not None
 
 
 def _owners(units: list[list[int]],

@@ -159,20 +159,11 @@ def weighted_mean_in_order(mean: torch.Tensor, count: int) -> tuple[torch.Tensor
     group = ranks()
     if group is None:
         return mean, count
-    counts = [int(c) for c in _all_counts(count)]
+    counts = [int(c) for c in gather_along_first(torch.tensor(float(count), dtype=torch.float64)).tolist()]
     total = sum(counts)
     if total == 0:
         return mean, 0
     return _sum_at_main(mean, [n / total for n in counts]), total
-
-
-def _all_counts(count: int) -> list[float]:
-    group = ranks()
-    assert group is not None
-    device = _communication_device(torch.empty(0))
-    parts = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(group.world)]
-    dist.all_gather(parts, torch.tensor([float(count)], dtype=torch.float64, device=device))
-    return [float(p) for p in parts]
 
 
 def sum_floats(values: list[float]) -> list[float]:

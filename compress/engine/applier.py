@@ -264,12 +264,12 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
     In a process group the groups are instead dealt among the ranks in one call (`quantize_modules`), each
     rank holding the layer's Hessians and float weights until every group is done.
     """
-    groups: dict[int, list[str]] = {}
-    for name in modules:
-        hessian = hessians.get(name)
-        groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
-    if not dist.is_alone():
-        groups = {0: list(modules)}
+    groups: dict[int, list[str]] = {0: list(modules)}
+    if dist.is_alone():
+        groups = {}
+        for name in modules:
+            hessian = hessians.get(name)
+            groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
     errors: dict[str, float] = {}
     sq_norms: dict[str, float] = {}
     for group in groups.values():
