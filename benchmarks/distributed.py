@@ -1,6 +1,6 @@
 """One process against N torch.distributed (gloo) processes on this machine: time per phase and the result.
 
-    python benchmarks/distributed.py [--ranks 2] [--out benchmarks/results/distributed] [-- COMPRESS FLAGS...]
+    python benchmarks/distributed.py [--ranks 2] [--pairs K] [--out DIR] [-- COMPRESS FLAGS...]
 
 Runs ``layerwise compress`` on the default model three times with the same flags: once as one process with
 ``--ranks`` threads, then twice under torchrun as ``--ranks`` processes of one thread each (so every run uses the
@@ -10,6 +10,10 @@ wall time and phase times (the checkpoint's ``report.metrics.phase_seconds``), a
 whether the plans are identical and how far the dequantized weights are apart (largest relative Frobenius
 difference over the decoder's linear modules; 0 when byte-identical). On a machine with as many cores as
 processes the speedup is bounded by the cores, not by the method: the point is the overhead.
+
+With ``--pairs K`` it runs one process and then ``--ranks`` ranks (split by windows), K times in turn, so that the
+machine's drift, which moved a phase by up to 17% between runs here, falls on both sides alike; it records every
+run's phases and whether the last pair's plans and weights are identical.
 """
 
 from __future__ import annotations
@@ -70,13 +74,33 @@ def plan_of(path: Path) -> list:
     return json.loads((path / "layerwise.json").read_text())["plan"]["layers"]
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    pairs = []
+    for _ in range(args.pairs):
+        one = run(args.flags, 1, args.ranks, args.out / "one-ckpt")
+        ranks = run(args.flags, args.ranks, 1, args.out / "ranks-ckpt", "windows")
+        pairs.append({"one_process": one, "ranks": ranks})
+    a, b = weights(args.out / "one-ckpt"), weights(args.out / "ranks-ckpt")
+    record = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "pairs": pairs,
+              "plan_identical": plan_of(args.out / "one-ckpt") == plan_of(args.out / "ranks-ckpt"),
+              "byte_identical_weights": all(torch.equal(a[k], b[k]) for k in a)}
+    print(json.dumps(record, indent=1))
+    (args.out / f"interleaved-{args.ranks}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed"))
     parser.add_argument("flags", nargs="*", help="compress flags (default: %(default)s)", default=DEFAULT_FLAGS)
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="instead: this many pairs of one process and --ranks ranks (split by windows), run in "
+                             "turn so that the machine's drift falls on both; writes interleaved-RANKS.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pairs:
+        interleaved(args)
+        return
     runs = [run(args.flags, 1, args.ranks, args.out / "one-ckpt")]
     runs += [run(args.flags, args.ranks, 1, args.out / f"ranks-{split}-ckpt", split) for split in SPLITS]
     plan = plan_of(args.out / "one-ckpt")

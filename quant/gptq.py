@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -102,17 +103,39 @@ def _upper_inverse_factor(hessian: torch.Tensor, damping: torch.Tensor | float) 
     """
     damped = hessian.clone()
     damped.diagonal().add_(damping)
-    lower, info = torch.linalg.cholesky_ex(damped)
-    del damped
-    if int(info) != 0 or not all_finite(lower):
-        return None
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    with _fixed_threads(hessian.device):
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if int(info) != 0 or not all_finite(lower):
+            return None
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     del inverse
     if int(info) != 0 or not all_finite(upper):
         return None
     return upper
+
+
+@contextmanager
+def _fixed_threads(device: torch.device) -> Iterator[None]:
+    """One thread for LAPACK's factorisations on the CPU, whatever the process runs on.
+
+    A CPU Cholesky factor changes in its last bits with the thread count (MKL's, by up to 1.4e-3 on a
+    576-wide Hessian: `benchmarks/thread_invariance.py`) while the matmuls GPTQ also runs do not, and
+    GPTQ's error feedback turns those bits into other codes. On one thread, one process with several
+    threads and several single-threaded ranks quantize alike. The price is the factorisations' own
+    parallelism on the CPU; a GPU's are left as they are.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

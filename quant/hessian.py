@@ -5,11 +5,12 @@ each output row of ``Q`` with Hessian ``H = 2 X^T X``. GPTQ uses it normalised b
 ``H = (2/n) sum_t x_t x_t^T``, so its scale does not depend on how much calibration data was used (the
 relative damping GPTQ adds is then meaningful whatever n is).
 
-Precision: H is kept in float32. Forming ``X^T X`` is the costly part of calibration, and float32 matmuls
-run at full speed everywhere while float64 is 2x (CPU) to 64x (consumer GPUs) slower and doubles the
-memory of a (K, K) matrix that is held for every linear of a layer at once. The rounding this leaves in
-H (about 1e-7 relative per batch) is five orders of magnitude below the 1% diagonal damping GPTQ adds
-before inverting, so float64 would not change the quantized codes.
+Precision: each batch's ``X^T X`` is formed in float32, the costly part of calibration (float32 matmuls run
+at full speed everywhere, float64 ones 2x to 64x slower). The batches are added in a compensated sum
+(`layerwise.core.summation`, about 77 bits), so H does not depend on the order the batches came in or on
+how they were split among ranks, and H is then rounded to float32, the precision GPTQ works in. While the
+forwards run, H's sum holds 12 bytes per entry of its upper triangle, 1.5 times a float32 H (a cross term's,
+whole, 3 times); each sum is freed once its matrix is formed.
 
 GPTAQ (`layerwise.quant.gptaq`) also needs, per linear, the cross term ``C = (2/n) sum_t dx_t x_t^T`` between
 the quantized stream's inputs x and the full-precision model's inputs to the same linear, ``dx = x_fp - x``
@@ -31,26 +32,42 @@ from torch.utils.hooks import RemovableHandle
 
 from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
+from layerwise.core.summation import CompensatedSum
 from layerwise.model.adapter import LINEAR_TYPES, linear_shape, linear_weight
+
+# Rows of ``AᵀB`` formed per matmul. A symmetric M is formed and kept from its diagonal on, block by block:
+# half the arithmetic and half the sum's memory, for a few hundred rows of waste below the diagonal.
+BLOCK_ROWS = 256
 
 
 class _RunningMoment:
-    """Running ``M = (2/n) sum_t a_t b_tᵀ`` over the tokens one linear sees: the (K, K) float32 matrix
-    `HessianAccumulator` (a = b = x) and `CrossTermAccumulator` (a = the input's shift, b = x) keep.
+    """``M = (2/n) sum_t a_t b_tᵀ`` over the tokens one linear sees: the (K, K) float32 matrix
+    `HessianAccumulator` (a = b = x, symmetric) and `CrossTermAccumulator` (a = the input's shift, b = x) keep.
 
-    Kept as a running mean rather than a running sum: adding a batch of m rows to n seen ones sets
-    ``M <- (n M + 2 AᵀB) / (n + m)``, which weights every token equally whatever the batch sizes (so two
-    batches give the same M as their concatenation) and keeps M at the scale of ``x^2`` however many
-    tokens arrive, far from float32 overflow.
+    Each batch's ``AᵀB`` is formed in float32 (the costly matmul), `BLOCK_ROWS` rows at a time (from the
+    diagonal on when M is symmetric), and added into a `CompensatedSum`, whose value does not depend on the
+    order or grouping of the batches. So N ranks that each add their share of the windows (one window per
+    batch, as calibration runs) and then sum their parts get the bits one process gets: the reason GPTQ's
+    codes are the same on any number of ranks. M is formed from the sum when first read, normalised by the
+    token count in float64, rounded once to float32, and made exactly symmetric when it is.
     """
 
     _what = "matrix"
+    _symmetric = False
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         if not isinstance(in_features, int) or in_features < 1:
             raise LayerwiseError(f"a {self._what} needs a positive number of input features, got {in_features!r}")
         self.in_features = in_features
-        self._moment = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        # Each block of rows, with the first column it keeps and where its entries start in the sum.
+        self._blocks: list[tuple[int, int, int, int]] = []
+        size = 0
+        for top in range(0, in_features, BLOCK_ROWS):
+            bottom, left = min(top + BLOCK_ROWS, in_features), top if self._symmetric else 0
+            self._blocks.append((top, bottom, left, size))
+            size += (bottom - top) * (in_features - left)
+        self._sum: CompensatedSum | None = CompensatedSum(size, device=device)
+        self._moment: torch.Tensor | None = None  # M, formed from the sum when first read
         self._n_tokens = 0
 
     @property
@@ -58,35 +75,67 @@ class _RunningMoment:
         """Rows (tokens) accumulated so far; the matrix has rank at most this."""
         return self._n_tokens
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.detach().reshape(-1, self.in_features).to(device=self._moment.device, dtype=torch.float32)
+    def _open_sum(self) -> CompensatedSum:
+        if self._sum is None:
+            raise LayerwiseError(f"this {self._what} was sealed once read for quantization; it takes no more inputs")
+        return self._sum
 
-    def _fold(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        total = self._n_tokens + right.shape[0]
-        self._moment.mul_(self._n_tokens / total)
-        self._moment.addmm_(left.T, right, alpha=2.0 / total)
-        self._n_tokens = total
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().reshape(-1, self.in_features).to(device=self._open_sum().device, dtype=torch.float32)
+
+    def _fold(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        total = self._open_sum()
+        for top, bottom, left, at in self._blocks:
+            total.add(a[:, top:bottom].T @ b[:, left:], at)
+        self._n_tokens += b.shape[0]
+        self._moment = None
 
     def merge_ranks(self) -> None:
-        """Make M the mean over every rank's tokens (`layerwise.core.dist`: each rank's mean weighted by its
-        token count, added in rank order): one (K, K) matrix sent per rank. Nothing happens on one process."""
-        self._moment, self._n_tokens = dist.weighted_mean_in_order(self._moment, self._n_tokens)
+        """Make M the one over every rank's tokens: the ranks' sums added in rank order (`CompensatedSum`) and
+        their token counts summed. Nothing happens on one process."""
+        if dist.is_alone():
+            return
+        self._open_sum().merge_ranks()
+        self._n_tokens = int(dist.gather_along_first(torch.tensor(float(self._n_tokens), dtype=torch.float64)).sum())
+        self._moment = None
+
+    def seal(self) -> None:
+        """Form M and free the sum behind it: no input can be added after this."""
+        if self._n_tokens:
+            self._value("")
+        self._sum = None
 
     def _value(self, why_empty: str) -> torch.Tensor:
-        """The live buffer (not a copy, to spare K^2 memory); raises when no token was added."""
+        """M itself (not a copy, to spare K^2 memory); raises when no token was added."""
         if self._n_tokens == 0:
             raise LayerwiseError(f"no calibration inputs reached this linear, so it has no {self._what}; {why_empty}")
+        if self._moment is None:
+            self._moment = self._formed()
         return self._moment
+
+    def _formed(self) -> torch.Tensor:
+        total, k, scale = self._open_sum(), self.in_features, 2.0 / self._n_tokens
+        moment = torch.empty(k, k, dtype=torch.float32, device=total.device)
+        for top, bottom, left, at in self._blocks:
+            size = (bottom - top) * (k - left)
+            moment[top:bottom, left:] = total.value(at, at + size).mul_(scale).view(bottom - top, k - left)
+        if self._symmetric:  # below the diagonal: the transpose of what is above it
+            for top, bottom, _, _ in self._blocks:
+                moment[top:bottom, :top] = moment[:top, top:bottom].T
+                square = moment[top:bottom, top:bottom]
+                square.copy_(square.triu() + square.triu(1).T)
+        return moment
 
 
 class HessianAccumulator(_RunningMoment):
     """Running ``H = (2/n) sum x x^T`` over every input row (token) seen by one linear."""
 
     _what = "Hessian"
+    _symmetric = True
 
     @property
     def hessian(self) -> torch.Tensor:
-        """The (in_features, in_features) float32 H -- the live buffer, not a copy, to spare K^2 memory.
+        """The (in_features, in_features) float32 H -- itself, not a copy, to spare K^2 memory.
 
         Raises when no token was added: an all-zero H would make GPTQ treat every input as dead and zero
         the whole weight, a silent disaster instead of an error.
@@ -132,7 +181,7 @@ class CrossTermAccumulator(_RunningMoment):
 
     @property
     def cross(self) -> torch.Tensor:
-        """The (in_features, in_features) float32 C (the live buffer); raises when no token was added."""
+        """The (in_features, in_features) float32 C (itself, not a copy); raises when no token was added."""
         return self._value("check that both streams' forwards run through the module")
 
     def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
@@ -212,7 +261,8 @@ class SharedInputHessians:
         self._recent: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._handles: list[RemovableHandle] = []
         self._reference: dict[str, torch.Tensor] = {}  # this batch's full-precision input of every module
-        self._merged = not across_ranks
+        self._across_ranks = across_ranks
+        self._finished = False
 
     def _collect(self, name: str, x: torch.Tensor) -> None:
         self._recent = [(ref, owner) for ref, owner in self._recent if ref() is not None]
@@ -266,16 +316,19 @@ class SharedInputHessians:
         self._recent = []
         self._reference = {}
 
-    def _merge_ranks(self) -> None:
+    def _finish(self) -> None:
         """Once, after the forwards: each H and C summed over the ranks of a process group (their share of the
-        windows each), in the order of the modules' names, which every rank shares."""
-        if self._merged:
+        windows each), in the order of the modules' names, which every rank shares; then formed and its sum
+        freed, one at a time, so the sums' memory is given back as the matrices are made."""
+        if self._finished:
             return
-        self._merged = True
+        self._finished = True
         for name in sorted(self.accumulators):
-            self.accumulators[name].merge_ranks()
-            if name in self.crosses:
-                self.crosses[name].merge_ranks()
+            for accumulator in (self.accumulators[name], self.crosses.get(name)):
+                if accumulator is not None:
+                    if self._across_ranks:
+                        accumulator.merge_ranks()
+                    accumulator.seal()
 
     def hessians(self) -> dict[str, torch.Tensor | AsymmetricHessian]:
         """Every module's H (an `AsymmetricHessian` for those in `cross`); raises (naming the module) for one
@@ -286,7 +339,7 @@ class SharedInputHessians:
                 f"no calibration inputs reached {missing}, so they have no Hessian; check that the calibration "
                 "forward passes run through these modules"
             )
-        self._merge_ranks()
+        self._finish()
         paired: dict[str, AsymmetricHessian] = {}  # by owner: one object per input, so sweeps can be shared
         out: dict[str, torch.Tensor | AsymmetricHessian] = {}
         for name in self.modules:

@@ -9,7 +9,11 @@ zero points packed at the code width, group sizes fitted to the input widths) re
 before that, the dequantized weights of every case were hashed with the old code and again with the
 new, and they were the same wherever the plan was the same. The cheaper zero points changed the plans of
 the budgeted cases (lim-lwq-rtn-stream, sensitivity-optimal-gptq-mem, prune-sensitivity-gptq-mem give
-some layers more bits at the same budget), and only those cases' weights changed.
+some layers more bits at the same budget), and only those cases' weights changed. Order-free Hessian sums
+(issue 16: compensated sums of each batch's X^T X, factorisations on one thread) rewrote the plans of the two
+sensitivity cases (sensitivity-optimal-gptq-mem, prune-sensitivity-gptq-mem): their layer actions are the
+same, and only the plan's predicted damage moved (0.00057772 to 0.00057795 in the first), since the scorer's
+GPTQ runs now read Hessians rounded otherwise. Every case's model.safetensors kept its hash.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ makes the same decisions from the same numbers, so only rank 0 needs to write.
 
 Sums are taken in a fixed order: each rank's part is sent to rank 0, added there in rank order in float64,
 and the sum is sent back, so the result is the same on every rank and from run to run whatever the timing
-(an all-reduce's order is the backend's); each rank sends one tensor and receives one.
+(an all-reduce's order is the backend's); each rank sends one tensor and receives one. Rank 0 receives the
+ranks' parts one at a time (`fold_at_main`), so its memory does not grow with the number of ranks. Sums whose
+bits must not depend on how the terms were split among ranks either (the Hessians) are
+`layerwise.core.summation`'s, built on the same two steps.
 
 Windows are dealt round-robin (rank r gets windows r, r + N, ...), so the first k windows of the whole set
 are the first k / N of each share: a scorer that reads a leading subset reads the same windows on N ranks
@@ -23,7 +26,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -131,39 +134,55 @@ def local_count(n: int) -> int:
     return len(share(n))
 
 
-def _sum_at_main(tensor: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
-    """Every rank's `tensor` sent to rank 0, added there in rank order in float64 (each times its weight), and the
-    sum sent back to every rank in `tensor`'s dtype: one tensor-sized message from and to each rank."""
+def fold_at_main(parts: list[torch.Tensor], fold: Callable[[list[torch.Tensor]], None]) -> None:
+    """On rank 0, `fold(other)` with every other rank's `parts`, rank by rank in rank order; the other ranks send
+    theirs. Each rank passes tensors of the same shapes and dtypes. Rank 0 holds one rank's parts at a time, so
+    its memory does not grow with the number of ranks. Nothing happens on one process."""
     group = ranks()
-    assert group is not None
-    device = _communication_device(tensor)
-    local = tensor.detach().to(device).contiguous()
-    parts = [torch.empty_like(local) for _ in range(group.world)] if group.main else None
-    dist.gather(local, parts, dst=0)
-    if parts is not None:
-        total = torch.zeros_like(local, dtype=torch.float64)
-        for rank, part in enumerate(parts):
-            total += part.double() * (1.0 if weights is None else weights[rank])
-        local = total.to(local.dtype)
-    dist.broadcast(local, src=0)
-    return local.to(tensor.device)
+    if group is None:
+        return
+    device = _communication_device(parts[0])
+    if not group.main:
+        for part in parts:
+            dist.send(part.detach().to(device).contiguous(), dst=0)
+        return
+    buffers = [torch.empty(part.shape, dtype=part.dtype, device=device) for part in parts]
+    for rank in range(1, group.world):
+        for buffer in buffers:
+            dist.recv(buffer, src=rank)
+        fold([buffer.to(part.device) for buffer, part in zip(buffers, parts, strict=True)])
+
+
+def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
+    """Fill every rank's `tensors` (of the same shapes and dtypes everywhere) with rank 0's, in place."""
+    if ranks() is None:
+        return
+    for tensor in tensors:
+        device = _communication_device(tensor)
+        message = tensor.detach().to(device).contiguous()
+        dist.broadcast(message, src=0)
+        if message.data_ptr() != tensor.data_ptr():
+            tensor.copy_(message)
 
 
 def sum_in_order(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of `tensor`, added in rank order in float64, in `tensor`'s dtype and device."""
-    return tensor if ranks() is None else _sum_at_main(tensor)
-
-
-def weighted_mean_in_order(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """The mean over all ranks' items from each rank's `mean` of its `count` items (fixed order, float64)."""
+    """The sum over ranks of `tensor`, added at rank 0 in rank order in float64 and sent back to every rank in
+    `tensor`'s dtype and device: one tensor-sized message from and to each rank."""
     group = ranks()
     if group is None:
-        return mean, count
-    counts = [int(c) for c in gather_along_first(torch.tensor(float(count), dtype=torch.float64)).tolist()]
-    total = sum(counts)
-    if total == 0:
-        return mean, 0
-    return _sum_at_main(mean, [n / total for n in counts]), total
+        return tensor
+    total = torch.zeros_like(tensor, dtype=torch.float64) if group.main else None
+
+    def add(part: list[torch.Tensor]) -> None:
+        assert total is not None
+        total.add_(part[0].double())
+
+    if total is not None:
+        add([tensor.detach()])
+    fold_at_main([tensor], add)
+    local = total.to(tensor.dtype) if total is not None else torch.empty_like(tensor)
+    broadcast_from_main([local])
+    return local
 
 
 def sum_floats(values: list[float]) -> list[float]:

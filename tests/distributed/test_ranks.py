@@ -92,18 +92,55 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path):
-    """Calibration windows dealt over 2 gloo ranks, Hessians, Fisher sums and damages summed in rank order:
-    the same plan as one process, weights equal within rounding (stated: relative difference below 1e-3 per
-    module; on this model they are byte-identical), written once by rank 0, printed once."""
-    one = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "one"]])
+    """Calibration windows dealt over 2 gloo ranks of one thread, Hessians summed order-free, Fisher sums and
+    damages summed in rank order: the plan of one process on 2 threads, and its weights byte for byte,
+    written once by rank 0, printed once."""
+    one = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "one"]],
+                 env_by_rank={0: {"OMP_NUM_THREADS": "2"}})
     two = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "two"]] * 2)
     assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
     assert "wrote" in two[0].stdout and two[1].stdout == ""
     plans = [json.loads((tmp_path / n / "layerwise.json").read_text())["plan"]["layers"] for n in ("one", "two")]
     assert plans[0] == plans[1]
     a, b = dequantized(tmp_path / "one"), dequantized(tmp_path / "two")
-    for name in a:
-        assert torch.linalg.norm(a[name] - b[name]) <= 1e-3 * torch.linalg.norm(a[name]), name
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+# Hessians of the same windows, on argv[1] ranks' shares or alone; prints H's bytes' hash and whether float64 sums
+# taken in the ranks' grouping would have differed from one process's.
+HESSIAN_RUNNER = """
+import hashlib, sys, torch, torch.distributed
+from layerwise.core import dist
+from layerwise.quant.hessian import HessianAccumulator
+if sys.argv[1] != "alone":
+    torch.distributed.init_process_group("gloo")
+g = torch.Generator().manual_seed(0)
+width = 300  # more than one block of rows (BLOCK_ROWS)
+windows = [torch.randn(64, width, generator=g) * 10.0 ** torch.randint(-3, 4, (width,), generator=g) for _ in range(9)]
+acc = HessianAccumulator(width)
+for w in dist.share(len(windows)):
+    acc.add(windows[w])
+acc.merge_ranks()
+products = [w.double().T @ w.double() for w in windows]
+zero = torch.zeros(width, width, dtype=torch.float64)
+plain = dist.sum_in_order(sum((products[w] for w in dist.share(9)), zero))
+alone = sum(products, zero)
+print(hashlib.sha256(acc.hessian.numpy().tobytes()).hexdigest(), acc.n_tokens, torch.equal(plain, alone))
+"""
+
+
+def test_hessians_summed_over_ranks_have_the_bits_of_one_process():
+    """Windows dealt over 2 and 3 ranks: H is the one a process adding every window makes, byte for byte, where
+    float64 sums taken in the ranks' grouping come out different."""
+    script = textwrap.dedent(HESSIAN_RUNNER)
+    alone = launch([["alone"]], script=script)[0]
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    digest, tokens, _ = alone.stdout.split()
+    for world in (2, 3):
+        results = launch([["ranks"]] * world, script=script)
+        assert [r.returncode for r in results] == [0] * world, [r.stderr[-2000:] for r in results]
+        printed = {tuple(r.stdout.split()) for r in results}
+        assert printed == {(digest, tokens, "False")}, (world, printed)
 
 
 def test_compress_inside_a_group_the_caller_started(tiny_model_dir, tmp_path):

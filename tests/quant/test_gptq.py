@@ -16,6 +16,7 @@ from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import QuantSpec
 from layerwise.quant import (
     QUANTIZERS,
+    CrossTermAccumulator,
     GptqQuantizer,
     HessianAccumulator,
     QuantLinear,
@@ -26,6 +27,7 @@ from layerwise.quant import (
     quantize_rtn,
     unpack,
 )
+from layerwise.quant.hessian import BLOCK_ROWS
 
 BITS = (2, 3, 4, 8)
 # (out_features, in_features, group_size): full groups, and 576 = 4*128 + 64 with a partial last group.
@@ -322,6 +324,29 @@ def test_accumulator_batches_combine_exactly() -> None:
     expected = (2 / 128) * x.double().T @ x.double()
     torch.testing.assert_close(whole.hessian, expected.float())
     assert whole.hessian.dtype == torch.float32
+
+
+def test_accumulators_are_blocked_exact_sums_independent_of_batch_order() -> None:
+    """Wider than one block of rows: H is exactly symmetric, both are the float64 products to float32 rounding,
+    and they have the same bits whatever the order of the batches."""
+    width = BLOCK_ROWS + 44
+    batches = [correlated_inputs(64, width, seed=s) * 10.0 ** (s - 3) for s in range(6)]
+    shifts = [torch.randn(64, width, generator=torch.Generator().manual_seed(10 + s)) for s in range(6)]
+
+    def collected(order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = HessianAccumulator(width), CrossTermAccumulator(width)
+        for i in order:
+            h.add(batches[i])
+            c.add(batches[i], batches[i] + shifts[i])
+        return h.hessian, c.cross
+
+    h, c = collected([0, 1, 2, 3, 4, 5])
+    x, dx = torch.cat(batches).double(), torch.cat(shifts).double()
+    assert torch.equal(h, h.T)
+    for got, exact in ((h, 2 / 384 * x.T @ x), (c, 2 / 384 * dx.T @ x)):  # float32 products: their rounding
+        torch.testing.assert_close(got, exact.float(), rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+    h2, c2 = collected([5, 3, 1, 0, 2, 4])
+    assert torch.equal(h, h2) and torch.equal(c, c2)
 
 
 def test_accumulator_rejects_misuse() -> None:
