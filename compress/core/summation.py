@@ -29,8 +29,8 @@ CPU_STEP, DEVICE_STEP = 2**16, 2**22
 
 
 def _two_sum_into(hi: torch.Tensor, lo: torch.Tensor, terms: torch.Tensor, scratch: torch.Tensor) -> None:
-    """``(hi, lo) += terms`` in place, for 1-D pieces: `hi` takes the float64 sum, `lo` adds the exact rounding
-    error it made (Knuth's two-sum). `scratch` is float64, (3, n) at least."""
+    """``(hi, lo) += terms`` in place, for 1-D pieces: `hi` takes the float64 sum, `lo` adds the rounding error
+    it made, which Knuth's two-sum finds exactly. `scratch` is float64, (3, n) at least."""
     n = hi.numel()
     total, taken, rest = scratch[0, :n], scratch[1, :n], scratch[2, :n]
     rest.copy_(terms)  # exact: every narrower float is a float64
