@@ -96,7 +96,7 @@ class _RunningMoment:
         if dist.is_alone():
             return
         self._open_sum().merge_ranks()
-        self._n_tokens = int(dist.gather_along_first(torch.tensor(float(self._n_tokens), dtype=torch.float64)).sum())
+        self._n_tokens = int(dist.sum_floats([float(self._n_tokens)])[0])
         self._moment = None
 
     def seal(self) -> None:

@@ -264,9 +264,10 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
     In a process group the groups are instead dealt among the ranks in one call (`quantize_modules`), each
     rank holding the layer's Hessians and float weights until every group is done.
     """
-    groups: dict[int, list[str]] = {0: list(modules)}
-    if dist.is_alone():
-        groups = {}
+    groups: dict[int, list[str]] = {}
+    if not dist.is_alone():
+        groups[0] = list(modules)
+    else:
         for name in modules:
             hessian = hessians.get(name)
             groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
