@@ -1,6 +1,6 @@
 """One process against N torch.distributed (gloo) processes on this machine: time per phase and the result.
 
-    python benchmarks/distributed.py [--ranks 2] [--pairs K] [--out DIR] [-- COMPRESS FLAGS...]
+    python benchmarks/distributed.py [--ranks 2] [--pairs K [--name SUFFIX]] [--out DIR] [-- COMPRESS FLAGS...]
 
 Runs ``layerwise compress`` on the default model three times with the same flags: once as one process with
 ``--ranks`` threads, then twice under torchrun as ``--ranks`` processes of one thread each (so every run uses the
@@ -13,7 +13,8 @@ processes the speedup is bounded by the cores, not by the method: the point is t
 
 With ``--pairs K`` it runs one process and then ``--ranks`` ranks (split by windows), K times in turn, so that the
 machine's drift, which moved a phase by up to 17% between runs here, falls on both sides alike; it records every
-run's phases and whether the last pair's plans and weights are identical.
+run's phases, each phase's median on both sides and in how many pairs the ranks were no slower, and whether the
+last pair's plans and weights are identical.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,11 +83,25 @@ def interleaved(args: argparse.Namespace) -> None:
         ranks = run(args.flags, args.ranks, 1, args.out / "ranks-ckpt", "windows")
         pairs.append({"one_process": one, "ranks": ranks})
     a, b = weights(args.out / "one-ckpt"), weights(args.out / "ranks-ckpt")
-    record = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "pairs": pairs,
+    record = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "flags": args.flags,
+              "phases": phase_summary(pairs),
               "plan_identical": plan_of(args.out / "one-ckpt") == plan_of(args.out / "ranks-ckpt"),
-              "byte_identical_weights": all(torch.equal(a[k], b[k]) for k in a)}
+              "byte_identical_weights": all(torch.equal(a[k], b[k]) for k in a), "pairs": pairs}
     print(json.dumps(record, indent=1))
-    (args.out / f"interleaved-{args.ranks}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / f"interleaved-{args.ranks}{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def phase_summary(pairs: list[dict]) -> dict[str, dict]:
+    """Per phase: the median seconds of each side, and in how many pairs the ranks took no longer than the one
+    process (phase times are rounded to 0.01 s, so a tie counts as no longer)."""
+    summary = {}
+    for phase in pairs[0]["one_process"]["phase_seconds"]:
+        one = [p["one_process"]["phase_seconds"][phase] for p in pairs]
+        ranks = [p["ranks"]["phase_seconds"][phase] for p in pairs]
+        summary[phase] = {"one_process_median": statistics.median(one), "ranks_median": statistics.median(ranks),
+                          "ranks_no_slower": sum(r <= o for o, r in zip(one, ranks, strict=True)),
+                          "pairs": len(pairs)}
+    return summary
 
 
 def main() -> None:
@@ -95,7 +111,8 @@ def main() -> None:
     parser.add_argument("flags", nargs="*", help="compress flags (default: %(default)s)", default=DEFAULT_FLAGS)
     parser.add_argument("--pairs", type=int, default=0,
                         help="instead: this many pairs of one process and --ranks ranks (split by windows), run in "
-                             "turn so that the machine's drift falls on both; writes interleaved-RANKS.json")
+                             "turn so that the machine's drift falls on both; writes interleaved-RANKS[NAME].json")
+    parser.add_argument("--name", default="", help="suffix of the --pairs record's file name, e.g. -early")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs:
