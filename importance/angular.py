@@ -15,7 +15,7 @@ Per window this reads every `stride`-th position counted back from the last (the
 position 0 never: the first token is an attention sink whose state barely changes in most LLMs). Every
 layer's sampled states are kept until the end, (N + 1) x windows x ceil((length - 1) / stride) x
 hidden float32 values: for the default model (30 layers, hidden 576) on 64 windows of 512 tokens with
-the default stride 16, 31 x 64 x 32 x 576 x 4 bytes = 146 MB.
+the default stride 16, 31 x 64 x 32 x 576 x 4 bytes = 146 MB (on each of N ranks, its share: 1/N of that).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from layerwise.core import dist
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.driver import LayerStep
 
@@ -37,10 +38,11 @@ def sampled_positions(length: int, stride: int) -> list[int]:
     return sorted(range(length - 1, 0, -stride)) or [0]
 
 
-def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of arccos(cos(a_t, b_t)) / pi, in float64."""
+def arccos_sums(a: torch.Tensor, b: torch.Tensor, per_window: int) -> torch.Tensor:
+    """Per window (`per_window` consecutive rows each): the sum over its rows of arccos(cos(a_t, b_t)), in
+    float64."""
     cos = F.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1.0, 1.0)
-    return float(torch.arccos(cos).mean()) / math.pi
+    return torch.arccos(cos).view(-1, per_window).sum(1)
 
 
 @SCORERS.register("angular")
@@ -48,6 +50,7 @@ class AngularScorer(LayerScorer):
     name: ClassVar[str] = "angular"
     needs_activations: ClassVar[bool] = True
     provides: ClassVar[frozenset[str]] = frozenset({"scores", "block_distance"})
+    shares_windows: ClassVar[bool] = True  # per-window sums, summed exactly over the ranks' windows
 
     def __init__(self, stride: int = DEFAULT_STRIDE) -> None:
         if stride < 1:
@@ -55,23 +58,36 @@ class AngularScorer(LayerScorer):
         self.stride = stride
         self._states: list[torch.Tensor] = []  # sampled x^l for l = 0..(layers seen so far)
         self._last: torch.Tensor | None = None  # sampled output of the latest layer seen
+        self._per_window = 1  # sampled positions per window
 
     def _sample(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         positions = sampled_positions(hidden[0].shape[1], self.stride)
+        self._per_window = len(positions)
         return torch.cat([h[:, positions].flatten(0, 1).float().cpu() for h in hidden])
+
+    def _distances(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """d(a, b) of each pair of sampled states: per-window sums, summed exactly over every window (the ranks'
+        too, when sharded), so the same windows give the same bits however they are split."""
+        columns = [arccos_sums(a, b, self._per_window) for a, b in pairs]
+        counts = torch.full_like(columns[0], float(self._per_window))
+        rows = torch.stack([*columns, counts], dim=1).tolist()
+        *totals, count = dist.exact_sums(rows, len(pairs) + 1, self.sharded)
+        return [total / count / math.pi for total in totals]
 
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         assert outputs is not None
         self._states.append(self._sample(step.inputs))
         self._last = self._sample(outputs)
-        return angular_distance(self._states[-1], self._last)
+        return self._distances([(self._states[-1], self._last)])[0]
 
     def block_distance(self) -> dict[str, list[float]]:
         if self._last is None:
             return {}
         states = [*self._states, self._last]
         n_layers = len(self._states)
-        return {
-            str(n): [angular_distance(states[start], states[start + n]) for start in range(n_layers - n + 1)]
-            for n in range(1, n_layers + 1)
-        }
+        blocks = [(n, start) for n in range(1, n_layers + 1) for start in range(n_layers - n + 1)]
+        distances = self._distances([(states[start], states[start + n]) for n, start in blocks])
+        by_size: dict[str, list[float]] = {str(n): [] for n in range(1, n_layers + 1)}
+        for (n, _), distance in zip(blocks, distances, strict=True):
+            by_size[str(n)].append(distance)
+        return by_size

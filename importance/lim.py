@@ -14,28 +14,31 @@ sign flip is needed. Range [-1, 1]; an identity layer scores exactly -1.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
+from layerwise.core import dist
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.driver import LayerStep
 
 
-def mean_token_cosine(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    """Mean over all tokens of cos(input, output), computed in float64 for a stable average."""
-    total, count = 0.0, 0
-    for x, y in zip(inputs, outputs, strict=True):
-        cos = F.cosine_similarity(x.double().flatten(0, -2), y.double().flatten(0, -2), dim=-1)
-        total += float(cos.sum())
-        count += cos.numel()
-    return total / count
+def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of cos(a_t, b_t) in float64, and the number of tokens."""
+    cos = F.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1)
+    return float(cos.sum()), cos.numel()
 
 
 @SCORERS.register("lim")
 class LIMScorer(LayerScorer):
     name = "lim"
     needs_activations = True
+    shares_windows: ClassVar[bool] = True  # per-window sums, summed exactly over the ranks' windows
 
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         assert outputs is not None
-        return -mean_token_cosine(step.inputs, outputs)
+        # Each batch's sum, then an exact sum of those: the same bits however the windows are split among ranks.
+        rows = [[*cos_sum(x, y)] for x, y in zip(step.inputs, outputs, strict=True)]
+        total, count = dist.exact_sums(rows, 2, self.sharded)
+        return -total / count

@@ -20,9 +20,10 @@ a pass, by one that returns its input. Each candidate starts from the cached inp
 (layers before it are skipped and it returns the cached state), so only the layers after it run:
 about half a forward per candidate. Cost: sum over rounds of (layers left) such evaluations, plus one
 full forward per round to refresh the cache, on `windows` windows; the cache holds every layer's input
-hidden states on them (default model, 16 windows of 512 tokens in float32: 30 x 19 MB = 0.57 GB). With a
-placement the forwards run there layer by layer (`sequential_onload`; bypassed layers are not moved) and
-the cache is on its device, in its dtype (an 8B llama in bf16: 32 x 67 MB = 2.1 GB).
+hidden states on them (default model, 16 windows of 512 tokens in float32: 30 x 19 MB = 0.57 GB; each of N
+ranks holds its share, 1/N of that). With a placement the forwards run there layer by layer
+(`sequential_onload`; bypassed layers are not moved) and the cache is on its device, in its dtype (an 8B
+llama in bf16: 32 x 67 MB = 2.1 GB).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerwise.core import dist
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers
 from layerwise.model.driver import LayerStep, window_batches
@@ -79,6 +81,7 @@ class PplDropScorer(LayerScorer):
     needs_activations: ClassVar[bool] = True
     needs_stream: ClassVar[bool] = False
     layer_local: ClassVar[bool] = False  # whole-model forwards
+    shares_windows: ClassVar[bool] = True  # per-window losses, summed exactly over the ranks' windows
 
     def __init__(self, max_remove: int | None = None, windows: int = DEFAULT_WINDOWS) -> None:
         if (max_remove is not None and max_remove < 1) or windows < 1:
@@ -91,8 +94,13 @@ class PplDropScorer(LayerScorer):
         self.first_round_nll: list[float] = []
         self._scores: list[float] = []
 
+    def splits_windows(self, model: nn.Module) -> bool:
+        group = dist.ranks()
+        return group is None or self.windows >= group.world  # else every rank reads the few windows whole
+
     def windows_needed(self) -> int:
-        return self.windows
+        # Sharded: this rank's part of the first `windows` (windows are dealt round-robin).
+        return dist.local_count(self.windows) if self.sharded else self.windows
 
     @torch.inference_mode()
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
@@ -101,8 +109,8 @@ class PplDropScorer(LayerScorer):
         n_layers = len(layers)
         n_remove = min(self.max_remove or max(1, n_layers // 3), n_layers - 1)
         device = next(model.parameters()).device if self.placement is None else self.placement.device
-        batches = [b.to(device) for b in window_batches(windows[: self.windows], batch_size)]
-        n_targets = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        batches = [b.to(device) for b in window_batches(windows[: self.windows_needed()], batch_size)]
+        n_targets = self._summed([[float(b.shape[0] * (b.shape[1] - 1))] for b in batches])[0]
         was_training = model.training
         model.eval()
         removed: list[int] = []
@@ -110,18 +118,19 @@ class PplDropScorer(LayerScorer):
                    disable=not self.progress)
         try:
             with sequential_onload(model, self.placement, what="ppl_drop's whole-model forwards"):
-                cache, total = self._layer_inputs(model, layers, batches, set())
-                self.base_nll = total / n_targets
+                cache, nlls = self._layer_inputs(model, layers, batches, set())
+                self.base_nll = self._summed([[nll] for nll in nlls])[0] / n_targets
                 for _ in range(n_remove):
-                    losses: dict[int, float] = {}
-                    for i in (i for i in range(n_layers) if i not in removed):
+                    candidates = [i for i in range(n_layers) if i not in removed]
+                    per_batch = [[0.0] * len(candidates) for _ in batches]  # summed over batches (and ranks)
+                    for c, i in enumerate(candidates):
                         skip = set(removed) | set(range(i))
-                        total = 0.0
                         for b, batch in enumerate(batches):
                             with bypassed(layers, skip, {i: cache[i][b]}):
-                                total += batch_nll(model, batch)
-                        losses[i] = total / n_targets
+                                per_batch[b][c] = batch_nll(model, batch)
                         bar.update()
+                    totals = self._summed(per_batch, len(candidates))
+                    losses = {i: total / n_targets for i, total in zip(candidates, totals, strict=True)}
                     if not removed:
                         self.first_round_nll = [losses[i] for i in range(n_layers)]
                     best = min(losses, key=lambda i: (losses[i], i))
@@ -140,12 +149,17 @@ class PplDropScorer(LayerScorer):
         for rank, i in enumerate([*removed, *kept]):
             self._scores[i] = float(rank)
 
+    def _summed(self, rows: list[list[float]], width: int = 1) -> list[float]:
+        """Column sums over the batches' rows (and the ranks', when sharded), exact then rounded once: the same
+        windows give the same bits however they are split among ranks."""
+        return dist.exact_sums(rows, width, self.sharded)
+
     @staticmethod
     def _layer_inputs(
         model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], removed: set[int]
-    ) -> tuple[list[list[torch.Tensor]], float]:
+    ) -> tuple[list[list[torch.Tensor]], list[float]]:
         """Per layer and batch, the hidden state entering it in the model without the `removed` layers,
-        and that model's summed NLL on the batches."""
+        and that model's summed NLL on each batch."""
         cache: list[list[torch.Tensor]] = [[] for _ in layers]
 
         def record(index: int):
@@ -157,11 +171,11 @@ class PplDropScorer(LayerScorer):
         handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
         try:
             with bypassed(layers, removed):
-                total = sum(batch_nll(model, batch) for batch in batches)
+                nlls = [batch_nll(model, batch) for batch in batches]
         finally:
             for handle in handles:
                 handle.remove()
-        return cache, total
+        return cache, nlls
 
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         return self._scores[step.index]

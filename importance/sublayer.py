@@ -22,20 +22,15 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.importance.base import SCORERS, LayerScorer
+from layerwise.importance.lim import cos_sum
 from layerwise.model.adapter import contribution_names
 from layerwise.model.driver import LayerStep
 from layerwise.model.layer_calls import layer_output
-
-
-def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of cos(a_t, b_t) in float64, and the number of tokens."""
-    cos = F.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1)
-    return float(cos.sum()), cos.numel()
 
 
 @SCORERS.register("sublayer")
@@ -43,6 +38,7 @@ class SublayerScorer(LayerScorer):
     name: ClassVar[str] = "sublayer"
     needs_activations: ClassVar[bool] = True
     provides: ClassVar[frozenset[str]] = frozenset({"scores", "module_scores"})
+    shares_windows: ClassVar[bool] = True  # per-window sums, summed exactly over the ranks' windows
 
     def __init__(self) -> None:
         self._seen: dict[str, list[torch.Tensor]] = {}
@@ -72,8 +68,7 @@ class SublayerScorer(LayerScorer):
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         assert outputs is not None
         seen, self._seen = self._seen, {}
-        sums = {"attn": 0.0, "mlp": 0.0, "layer": 0.0}
-        n_tokens = 0
+        rows = []
         for x, attn, mlp, y in zip(step.inputs, seen["attn"], seen["mlp"], outputs, strict=True):
             h = x.double() + attn.double()
             if float((h + mlp.double() - y.double()).norm()) > 1e-2 * float(y.double().norm()):
@@ -81,13 +76,12 @@ class SublayerScorer(LayerScorer):
                     f"layer {step.index}: the attention and MLP contributions do not add up to the layer's "
                     "output (a post-norm layer?); the sublayer scorer needs a pre-norm decoder layer"
                 )
-            for key, (a, b) in {"attn": (x, h), "mlp": (h, h + mlp.double()), "layer": (x, y)}.items():
-                total, n = cos_sum(a, b)
-                sums[key] += total
-            n_tokens += n
-        self._scores["attn"].append(1.0 - sums["attn"] / n_tokens)
-        self._scores["mlp"].append(1.0 - sums["mlp"] / n_tokens)
-        return 1.0 - sums["layer"] / n_tokens
+            (attn_sum, n), (mlp_sum, _), (layer_sum, _) = (cos_sum(x, h), cos_sum(h, h + mlp.double()), cos_sum(x, y))
+            rows.append([attn_sum, mlp_sum, layer_sum, float(n)])
+        attn_sum, mlp_sum, layer_sum, n_tokens = dist.exact_sums(rows, 4, self.sharded)
+        self._scores["attn"].append(1.0 - attn_sum / n_tokens)
+        self._scores["mlp"].append(1.0 - mlp_sum / n_tokens)
+        return 1.0 - layer_sum / n_tokens
 
     def module_scores(self) -> dict[str, list[float]]:
         return self._scores

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from layerwise.core import dist
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers
 from layerwise.model.driver import LayerStep
@@ -64,6 +65,7 @@ class TieScorer(LayerScorer):
     needs_activations: ClassVar[bool] = True
     provides: ClassVar[frozenset[str]] = frozenset({"scores", "tie_damage"})
     layer_local: ClassVar[bool] = False  # runs layer j with earlier layers' weights
+    shares_windows: ClassVar[bool] = True  # per-window errors, summed exactly over the ranks' windows
 
     def __init__(self, max_offset: int = DEFAULT_MAX_OFFSET, windows: int = DEFAULT_WINDOWS) -> None:
         if max_offset < 1 or windows < 1:
@@ -73,8 +75,13 @@ class TieScorer(LayerScorer):
         self._layers: nn.ModuleList | None = None
         self._damage: dict[str, list[float]] = {str(d): [] for d in range(1, max_offset + 1)}
 
+    def splits_windows(self, model: nn.Module) -> bool:
+        group = dist.ranks()
+        return group is None or self.windows >= group.world  # else every rank reads the few windows whole
+
     def windows_needed(self) -> int:
-        return self.windows
+        # Sharded: this rank's part of the first `windows` (windows are dealt round-robin).
+        return dist.local_count(self.windows) if self.sharded else self.windows
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         self._layers = decoder_layers(model)
@@ -83,7 +90,7 @@ class TieScorer(LayerScorer):
     def score_layer(self, step: LayerStep, outputs: list[torch.Tensor] | None) -> float:
         assert outputs is not None and self._layers is not None
         per_batch = step.inputs[0].shape[0]
-        n_batches = min(len(step.inputs), -(-self.windows // per_batch))  # batches covering `windows`
+        n_batches = min(len(step.inputs), -(-self.windows_needed() // per_batch))  # batches covering them
         for d in range(1, self.max_offset + 1):
             self._damage[str(d)].append(self._tie_damage(step, outputs[:n_batches], step.index - d))
         return self._damage["1"][-1]
@@ -101,8 +108,9 @@ class TieScorer(LayerScorer):
         for x, y in zip(step.inputs, outputs, strict=False):
             tied = layer_output(functional_call(step.layer, weights, (x, *step.call.args), step.call.kwargs))
             errors += [relative_error(t, own, inp) for t, own, inp in zip(tied, y, x, strict=True)]
-        errors = errors[: self.windows]
-        return sum(errors) / len(errors)
+        rows = [[error, 1.0] for error in errors[: self.windows_needed()]]
+        total, count = dist.exact_sums(rows, 2, self.sharded)
+        return total / count
 
     def finish(self, scores: list[float]) -> list[float]:
         if len(scores) > 1:

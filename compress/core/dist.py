@@ -11,7 +11,9 @@ and the sum is sent back, so the result is the same on every rank and from run t
 (an all-reduce's order is the backend's); each rank sends one tensor and receives one. Rank 0 receives the
 ranks' parts one at a time (`fold_at_main`), so its memory does not grow with the number of ranks. Sums whose
 bits must not depend on how the terms were split among ranks either (the Hessians) are
-`layerwise.core.summation`'s, built on the same two steps.
+`layerwise.core.summation`'s, built on the same two steps. Per-window numbers (the activation scorers' cosine
+and loss sums) are summed exactly over every rank's windows and rounded once (`exact_sums`), which has the
+same property.
 
 Windows are dealt round-robin (rank r gets windows r, r + N, ...), so the first k windows of the whole set
 are the first k / N of each share: a scorer that reads a leading subset reads the same windows on N ranks
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -190,6 +193,18 @@ def sum_floats(values: list[float]) -> list[float]:
     if ranks() is None:
         return list(values)
     return sum_in_order(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def exact_sums(rows: list[list[float]], width: int, across_ranks: bool = True) -> list[float]:
+    """Column sums of `rows` (one row of `width` numbers per window, say), with every rank's rows when
+    `across_ranks`: each sum exact, then rounded once (`math.fsum`), so the same rows give the same bits in any
+    order and however they are split among ranks. Every rank gets the sums; the rows travel as one gathered
+    object (a few numbers per window)."""
+    if across_ranks and ranks() is not None:
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, rows)
+        rows = [row for part in seen for row in part]
+    return [math.fsum(row[i] for row in rows) for i in range(width)]
 
 
 def deal(costs: list[float]) -> list[int]:

@@ -261,16 +261,16 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
     Hessian and float weights dropped as soon as it is done, so that at most one group's quantization
     temporaries and the Hessians still to use are in memory with the layer (not every Hessian, every
     float weight and every quantized copy at once). Groups are independent: the result is the same.
-    In a process group the groups are instead dealt among the ranks in one call (`quantize_modules`), each
-    rank holding the layer's Hessians and float weights until every group is done.
+    In a process group the groups are instead dealt among the ranks in one call
+    (`_quantize_layer_across_ranks`), each rank holding the layer's Hessians and float weights until every
+    group is done.
     """
-    groups: dict[int, list[str]] = {}
     if not dist.is_alone():
-        groups[0] = list(modules)
-    else:
-        for name in modules:
-            hessian = hessians.get(name)
-            groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
+        return _quantize_layer_across_ranks(layer, modules, specs, hessians)
+    groups: dict[int, list[str]] = {}
+    for name in modules:
+        hessian = hessians.get(name)
+        groups.setdefault(id(hessian) if hessian is not None else -len(groups) - 1, []).append(name)
     errors: dict[str, float] = {}
     sq_norms: dict[str, float] = {}
     for group in groups.values():
@@ -285,6 +285,28 @@ def _quantize_layer(layer: nn.Module, modules: dict[str, nn.Module], specs: dict
             del weight
         del quantized
     return errors, sq_norms
+
+
+def _quantize_layer_across_ranks(
+    layer: nn.Module, modules: dict[str, nn.Module], specs: dict[str, QuantSpec | None],
+    hessians: dict[str, torch.Tensor | AsymmetricHessian],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`_quantize_layer` in a process group: the layer's quantizations dealt among the ranks in one call, then
+    each module's error and ||W||^2 measured by one rank (dealt by size) and sent to the others."""
+    names = list(modules)
+    quantized = quantize_modules([(modules[n], specs[n], hessians.pop(n, None)) for n in names],  # type: ignore[misc]
+                                 across_ranks=True)
+    weights = [linear_weight(modules.pop(n)).detach() for n in names]
+    owners = dist.deal([float(w.numel()) for w in weights])
+    rank = dist.ranks().rank  # type: ignore[union-attr]
+    measured = [torch.tensor([relative_error(w, q), squared_norm(w)] if owner == rank else [0.0, 0.0],
+                             dtype=torch.float64)
+                for w, q, owner in zip(weights, quantized, owners, strict=True)]
+    dist.broadcast_from_owners(measured, owners)
+    for name, qlinear in zip(names, quantized, strict=True):
+        set_submodule(layer, name, qlinear)
+    return ({n: float(m[0]) for n, m in zip(names, measured, strict=True)},
+            {n: float(m[1]) for n, m in zip(names, measured, strict=True)})
 
 
 def resolve_methods(plan: Plan, method: str, grid: str = DEFAULT_GRID) -> Plan:

@@ -22,6 +22,7 @@ from layerwise.model.adapter import decoder_layers, linear_modules
 
 CALIB = ["--calib", "pydoc", "--calib-windows", "8", "--calib-len", "32"]
 COMPRESS = ["--bits", "3.25", "--options", "2:32,3:32,4:32,8:32", "--method", "gptq", *CALIB]
+LIM_RTN = ["--bits", "3.25", "--scorer", "lim", "--method", "rtn", "--group-size", "32", *CALIB]
 # Runs layerwise's command line after an optional fault set up on one rank (see `launch`).
 RUNNER = """
 import os, signal, sys
@@ -91,19 +92,25 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
             for name, module in linear_modules(layer).items()}
 
 
-def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("flags", [COMPRESS, LIM_RTN], ids=["sensitivity-gptq", "lim-rtn"])
+def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path, flags):
     """Calibration windows dealt over 2 gloo ranks of one thread, Hessians summed order-free, Fisher sums and
-    damages summed in rank order: the plan of one process on 2 threads, and its weights byte for byte,
-    written once by rank 0, printed once."""
-    one = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "one"]],
+    damages summed in rank order, LIM's per-window sums summed exactly, quantizations and their errors dealt:
+    the plan of one process on 2 threads, and its weights byte for byte, written once by rank 0, printed once.
+    With LIM every score and error in the report is one process's, to the last bit."""
+    one = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "one"]],
                  env_by_rank={0: {"OMP_NUM_THREADS": "2"}})
-    two = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "two"]] * 2)
+    two = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "two"]] * 2)
     assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
     assert "wrote" in two[0].stdout and two[1].stdout == ""
-    plans = [json.loads((tmp_path / n / "layerwise.json").read_text())["plan"]["layers"] for n in ("one", "two")]
-    assert plans[0] == plans[1]
+    meta = [json.loads((tmp_path / n / "layerwise.json").read_text()) for n in ("one", "two")]
+    assert meta[0]["plan"]["layers"] == meta[1]["plan"]["layers"]
     a, b = dequantized(tmp_path / "one"), dequantized(tmp_path / "two")
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
+    rows = [m["report"]["rows"] for m in meta]
+    assert [r["rel_error"] for r in rows[0]] == [r["rel_error"] for r in rows[1]]
+    if flags is LIM_RTN:
+        assert rows[0] == rows[1]
 
 
 # Hessians of the same windows, on argv[1] ranks' shares or alone; prints H's bytes' hash and whether float64 sums
@@ -294,16 +301,17 @@ print(same, dealt[5] is dealt[1], mine, sorted(str(w.message) for w in shown))
 """
 
 
-def test_gptq_sweeps_are_dealt_among_ranks_and_sent_back():
-    """The GPTQ sweeps (q/k together, o at 3 and at 2 bits together) are done by one rank each, the RTN job by both,
-    and every rank ends with the results of one process, byte for byte; warnings from either rank's sweeps are
-    raised on every rank."""
+def test_quantizations_are_dealt_among_ranks_and_sent_back():
+    """The GPTQ sweeps (q/k together, o at 3 and at 2 bits together) and the RTN job are done by one rank each,
+    dealt by cost (o's sweep to rank 0, q/k's and the small RTN job to rank 1), and every rank ends with the
+    results of one process, byte for byte; warnings from either rank's sweeps are raised on every rank."""
     results = launch([[]] * 2, script=textwrap.dedent(DEALT_RUNNER))
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     printed = [r.stdout.strip() for r in results]
     expected_warnings = "['sweep of 2 on rank 0', 'sweep of 2 on rank 1']"
     assert {p.split(" ", 3)[3] for p in printed} == {expected_warnings}, printed
-    assert all(p.startswith("True True 2 ") for p in printed), printed  # one sweep and the RTN job each
+    assert all(p.startswith("True True ") for p in printed), printed
+    assert [int(p.split(" ", 3)[2]) for p in printed] == [1, 2], printed  # units quantized by ranks 0 and 1
 
 
 # Scores the model with the sensitivity scorer (GPTQ options, per module) split as argv[2] says ("alone": no group)
@@ -341,6 +349,49 @@ def test_sensitivity_split_by_windows_or_by_options_measures_the_damages_of_one_
     assert len(flat) == 4 * 4 * 2  # 4 layers; q/k/v, o, gate/up and down; both options
     for d, u, o in flat:
         assert ranks[0][d][u][o] == pytest.approx(alone[d][u][o], rel=1e-5), (d, u, o)
+
+
+# Scores the model with every scorer that reads activations, in one pass, alone or on the ranks' shares of the
+# windows, and prints everything they measured (ppl_drop's losses too) as JSON text, then whether the pass was
+# sharded.
+SHARED_SCORERS_RUNNER = """
+import json, sys, torch, torch.distributed
+from transformers import AutoModelForCausalLM
+from layerwise.importance.base import score_model
+from layerwise.importance.ppl_drop import PplDropScorer
+if sys.argv[2] != "alone":
+    torch.distributed.init_process_group("gloo")
+made = []
+init = PplDropScorer.__init__
+PplDropScorer.__init__ = lambda self, **kw: (made.append(self), init(self, **kw))[1]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+windows = torch.randint(0, model.config.vocab_size, (7, 32), generator=torch.Generator().manual_seed(0))
+names = ["lim", "angular", "sublayer", "tie", "ppl_drop"]
+options = {"angular": {"stride": 4}, "tie": {"windows": 5}, "ppl_drop": {"windows": 5, "max_remove": 2}}
+scores = score_model(model, names, windows, calibration={"corpus": "random"}, scorer_options=options,
+                     progress=False)
+measured = {name: {**scores[name].to_dict(), "seconds": None} for name in names}
+ppl = made[0]
+measured["ppl_drop_losses"] = [ppl.base_nll, ppl.first_round_nll, ppl.step_nll, ppl.order]
+print(json.dumps(measured, sort_keys=True))
+print("sharded" if ppl.sharded else "whole")
+"""
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_activation_scorers_on_shared_windows_measure_the_bits_of_one_process(tiny_model_dir, n_ranks):
+    """LIM, angular distance, sub-layer cosines, tie damage and ppl_drop's losses read each rank's share of the
+    windows (shares of 3, 2 and 2 windows on 3 ranks) and sum per-window numbers exactly: every value, to the
+    last bit, is what one process measures on all the windows."""
+    script = textwrap.dedent(SHARED_SCORERS_RUNNER)
+    one = launch([[tiny_model_dir, "alone"]], script=script)
+    ranks = launch([[tiny_model_dir, "group"]] * n_ranks, script=script)
+    assert [r.returncode for r in one + ranks] == [0] * (1 + n_ranks), [r.stderr[-2000:] for r in one + ranks]
+    assert one[0].stdout.endswith("whole\n") and all(r.stdout.endswith("sharded\n") for r in ranks)
+    assert {r.stdout.splitlines()[0] for r in ranks} == {one[0].stdout.splitlines()[0]}
+    measured = json.loads(one[0].stdout.splitlines()[0])
+    assert measured["lim"]["calibration"] == {"corpus": "random", "windows": 7, "tokens": 224}
+    assert len(measured["angular"]["block_distance"]["1"]) == 4 and len(measured["ppl_drop_losses"][2]) == 2
 
 
 def test_the_cheaper_split_is_chosen():
