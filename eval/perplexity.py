@@ -96,12 +96,13 @@ def perplexity(
     check_context_length(model, protocol.window_len)
     text = load_text(protocol.corpus, protocol.split)
     windows = token_windows(tokenizer, text, protocol.n_windows, protocol.window_len)
-    # Under a process group each rank scores its share of the windows; the sums are added in rank order.
-    nll_sum, n_tokens = perplexity_on_windows(
+    # Under a process group each rank scores its share of the windows; every batch's sum is then added exactly
+    # over the ranks' batches, which gives one process's bits.
+    per_batch = batch_nlls(
         model, dist.shard(windows), batch_size=batch_size, progress=progress and dist.is_main(),
         desc=f"perplexity ({protocol.name})", placement=placement,
     )
-    nll_sum, tokens = dist.sum_floats([nll_sum, float(n_tokens)])
+    nll_sum, tokens = dist.exact_sums([[nll, float(n)] for nll, n in per_batch], 2)
     n_tokens = int(tokens)
     nll = nll_sum / n_tokens
     return PerplexityResult(
@@ -131,6 +132,20 @@ def perplexity_on_windows(
     The model is put in eval mode for the call (dropout would make the number random) and restored after.
     With a `placement` the forwards run on its device in its dtype (`layerwise.model.placement.sequential_onload`).
     """
+    per_batch = batch_nlls(model, windows, batch_size, progress, desc, placement=placement)
+    return math.fsum(nll for nll, _ in per_batch), sum(n for _, n in per_batch)
+
+
+def batch_nlls(
+    model,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "perplexity",
+    *,
+    placement: Placement | None = None,
+) -> list[tuple[float, int]]:
+    """`perplexity_on_windows` per batch of `batch_size` windows: its summed NLL and its tokens predicted."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise LayerwiseError(f"windows must be a [n, L] tensor with L >= 2 tokens, got shape {tuple(windows.shape)}")
     if batch_size < 1:
@@ -138,19 +153,19 @@ def perplexity_on_windows(
     device = next(model.parameters()).device if placement is None else placement.device
     was_training = model.training
     model.eval()
-    total, n_tokens = 0.0, 0
+    per_batch: list[tuple[float, int]] = []
     try:
         with tqdm(total=windows.shape[0], desc=desc, unit="window", disable=not progress) as bar, \
                 sequential_onload(model, placement, what=desc):
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
-                total += nll_sum(logits, shifted_targets(batch)).item()
-                n_tokens += batch.shape[0] * (batch.shape[1] - 1)
+                nll = nll_sum(logits, shifted_targets(batch)).item()
+                per_batch.append((nll, batch.shape[0] * (batch.shape[1] - 1)))
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-    return total, n_tokens
+    return per_batch
 
 
 def check_context_length(model, window_len: int) -> None:

@@ -14,6 +14,7 @@ sign flip is needed. Range [-1, 1]; an identity layer scores exactly -1.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -25,9 +26,9 @@ from layerwise.model.driver import LayerStep
 
 
 def cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of cos(a_t, b_t) in float64, and the number of tokens."""
+    """Sum over tokens of cos(a_t, b_t) in float64 (exact, then rounded once), and the number of tokens."""
     cos = F.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1)
-    return float(cos.sum()), cos.numel()
+    return math.fsum(cos.tolist()), cos.numel()
 
 
 @SCORERS.register("lim")

@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.progress import bar
+from layerwise.core.summation import CompensatedSum, exact_total
 from layerwise.core.types import QuantSpec, check_granularity, module_units, parse_options, unit_name
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers, linear_modules, set_submodule
@@ -172,33 +173,32 @@ class SensitivityScorer(LayerScorer):
         ]
         quantized = iter(quantize_modules(jobs, across_ranks=True))  # GPTQ's sweeps dealt among ranks
         by_option = {option.option(): {name: next(quantized) for name in modules} for option in self.options}
-        # Each run's Fisher-weighted squared error summed over this rank's tokens; all of a layer's runs are
-        # summed over ranks at once, with the token count, and divided after. Split by options, run r is
-        # measured by rank r mod N alone (the others add 0), on every window.
-        sums: list[float] = []
+        # Each run's Fisher-weighted squared error per batch; all of a layer's runs are summed over the batches
+        # (and the ranks' batches, when sharded) at once, exactly, with the token count, and divided after.
+        # Split by options, run r is measured by rank r mod N alone (the others add 0), on every window.
+        per_run: list[list[float]] = []
         group = None if self.sharded else dist.ranks()
 
         def measure(replacements: dict[str, nn.Module]) -> int:
-            if group is not None and len(sums) % group.world != group.rank:
-                sums.append(0.0)
-                return len(sums) - 1
+            if group is not None and len(per_run) % group.world != group.rank:
+                per_run.append([0.0] * len(inputs))
+                return len(per_run) - 1
             with _swapped(step.layer, replacements), dense_weights(replacements.values()):
-                sums.append(sum(
-                    float(((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
-                           * fisher).sum())
+                per_run.append([
+                    exact_total((layer_output(step.layer(x, *step.call.args, **step.call.kwargs)) - y).double() ** 2
+                                * fisher)
                     for x, y in zip(inputs, reference, strict=True)
-                ))
-            return len(sums) - 1
+                ])
+            return len(per_run) - 1
 
         if self.granularity == "layer":
             runs = {label: measure(replacements) for label, replacements in by_option.items()}
         else:
             unit_runs = self._unit_runs(list(modules), by_option, measure)
-        n_tokens = float(sum(y.shape[0] * y.shape[1] for y in reference))
-        if self.sharded:
-            *totals, n_tokens = dist.sum_floats([*sums, n_tokens])
-        else:
-            totals = dist.sum_floats(sums) if group is not None else sums
+        rows = [[run[b] for run in per_run] + [float(y.shape[0] * y.shape[1])] for b, y in enumerate(reference)]
+        *totals, n_tokens = dist.exact_sums(rows, len(per_run) + 1, self.sharded)
+        if group is not None:  # each run's one measured total plus zeros: exact in any order
+            totals = dist.sum_floats(totals)
         damages = [0.5 * total / n_tokens for total in totals]
         if self.granularity == "layer":
             for label, run in runs.items():
@@ -260,12 +260,14 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
     With a `placement` the pass runs under `sequential_onload`: a layer is on the device during its
     forward, and its recomputation in the backward pass (which calls the layer's forward directly, not
     through the module, so no module hook fires) onloads it again for the time it runs. The saved
-    tensors the layer's backward reads are the device copies made then. The squared gradients are summed
-    in float32 whatever the placement's dtype.
+    tensors the layer's backward reads are the device copies made then. Each batch's squared gradients are
+    summed over its tokens in float64, whatever the placement's dtype, and added into a compensated sum
+    (`layerwise.core.summation`), so the vectors (float32) have the same bits however the windows are split
+    among ranks (`across_ranks`: each rank read its share).
     """
     layers = decoder_layers(model)
     device = next(model.parameters()).device if placement is None else placement.device
-    sums = [torch.zeros(()) for _ in layers]
+    sums: list[CompensatedSum | None] = [None] * len(layers)
     n_tokens = 0
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
@@ -275,7 +277,10 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
     def keep_grad(index: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             def accumulate(grad: torch.Tensor) -> None:
-                sums[index] = sums[index] + grad.detach().float().pow(2).sum(dim=(0, 1)).cpu()
+                term = grad.detach().double().pow(2).sum(dim=(0, 1)).cpu()
+                if sums[index] is None:
+                    sums[index] = CompensatedSum(term.numel())
+                sums[index].add(term)  # type: ignore[union-attr]
 
             layer_output(output).register_hook(accumulate)
 
@@ -299,12 +304,16 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int,
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    if not across_ranks:
-        return [s / n_tokens for s in sums]
-    # Each rank read its share of `windows`: every rank's sums added in rank order, over all ranks' tokens.
-    totals = dist.sum_in_order(torch.stack(sums))
-    n_total = dist.sum_floats([float(n_tokens)])[0]
-    return [t / n_total for t in totals]
+    n_total = dist.sum_floats([float(n_tokens)])[0] if across_ranks else float(n_tokens)
+    fisher = []
+    for total in sums:
+        if total is None:  # no gradient reached the layer's output
+            fisher.append(torch.zeros(()))
+            continue
+        if across_ranks:
+            total.merge_ranks()
+        fisher.append((total.value() / n_total).float())
+    return fisher
 
 
 def _backward_nll(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> None:

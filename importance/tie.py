@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from layerwise.core import dist
+from layerwise.core.summation import exact_total
 from layerwise.importance.base import SCORERS, LayerScorer
 from layerwise.model.adapter import decoder_layers
 from layerwise.model.driver import LayerStep
@@ -52,8 +53,8 @@ def tieable(a: nn.Module, b: nn.Module) -> bool:
 
 def relative_error(tied: torch.Tensor, own: torch.Tensor, inputs: torch.Tensor) -> float:
     """||tied - own||^2 / ||own - inputs||^2 in float64 (inf or 0 when the layer changes nothing)."""
-    error = float((tied.double() - own.double()).pow(2).sum())
-    change = float((own.double() - inputs.double()).pow(2).sum())
+    error = exact_total((tied.double() - own.double()).pow(2))
+    change = exact_total((own.double() - inputs.double()).pow(2))
     if change == 0.0:
         return 0.0 if error == 0.0 else math.inf
     return error / change

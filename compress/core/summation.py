@@ -17,6 +17,7 @@ at a time so the scratch stays small.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -107,3 +108,12 @@ class CompensatedSum:
         """Entries `start` to `stop` (all by default) of the sum, each rounded once to float64 (a new tensor)."""
         span = slice(start, self.size if stop is None else stop)
         return self._hi[span] + self._lo[span]
+
+
+def exact_total(values: torch.Tensor) -> float:
+    """The sum of every entry of `values`, the same bits on any thread count: each row of the last dimension
+    summed in float64 (a row is one thread's work, in a fixed order), then those row sums added exactly and
+    rounded once (`math.fsum`). A plain ``values.sum()`` splits its work by the thread count, and its last
+    bits change with it."""
+    rows = values.detach().double().reshape(-1, values.shape[-1] if values.dim() else 1).sum(dim=-1)
+    return math.fsum(rows.tolist())

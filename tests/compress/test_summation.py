@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from layerwise.core.summation import CompensatedSum, _add_pair
+from layerwise.core.summation import CompensatedSum, _add_pair, exact_total
 
 
 def terms(n: int = 24, size: int = 3072, seed: int = 0) -> list[torch.Tensor]:
@@ -62,3 +62,22 @@ def test_terms_go_where_they_are_placed_and_must_fit():
     assert total.value(6, 8).tolist() == [1.5, 0.5]
     with pytest.raises(ValueError, match="do not fit"):
         total.add(torch.ones(4), at=7)
+
+
+def test_exact_total_has_the_same_bits_on_any_thread_count():
+    """A window's worth of squared errors (2048 tokens x 576), values spread over six decades: torch's
+    whole-tensor sum splits its work by the thread count and its last bits can change with it; `exact_total`
+    sums each row, then the rows exactly, and gives the same bits on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(1, 2048, 576, dtype=torch.float64, generator=g)
+    values *= 10.0 ** torch.randint(-3, 3, values.shape, generator=g)
+    threads = torch.get_num_threads()
+    exact = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            exact[n] = exact_total(values)
+    finally:
+        torch.set_num_threads(threads)
+    assert exact[1] == exact[2]  # the plain sums differed in their last bits on the machine this was written on
+    assert exact[1] == pytest.approx(float(sum(Fraction(v) for v in values.sum(dim=-1).flatten().tolist())), rel=1e-15)

@@ -94,10 +94,10 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("flags", [COMPRESS, LIM_RTN], ids=["sensitivity-gptq", "lim-rtn"])
 def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path, flags):
-    """Calibration windows dealt over 2 gloo ranks of one thread, Hessians summed order-free, Fisher sums and
-    damages summed in rank order, LIM's per-window sums summed exactly, quantizations and their errors dealt:
-    the plan of one process on 2 threads, and its weights byte for byte, written once by rank 0, printed once.
-    With LIM every score and error in the report is one process's, to the last bit."""
+    """Calibration windows dealt over 2 gloo ranks of one thread, Hessians and Fisher vectors summed order-free,
+    damages and LIM's cosines summed exactly over the ranks' windows, quantizations and their errors dealt: the
+    plan of one process on 2 threads, its weights byte for byte and every score and error in its report to the
+    last bit, written once by rank 0, printed once."""
     one = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "one"]],
                  env_by_rank={0: {"OMP_NUM_THREADS": "2"}})
     two = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "two"]] * 2)
@@ -107,10 +107,7 @@ def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path, flags):
     assert meta[0]["plan"]["layers"] == meta[1]["plan"]["layers"]
     a, b = dequantized(tmp_path / "one"), dequantized(tmp_path / "two")
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
-    rows = [m["report"]["rows"] for m in meta]
-    assert [r["rel_error"] for r in rows[0]] == [r["rel_error"] for r in rows[1]]
-    if flags is LIM_RTN:
-        assert rows[0] == rows[1]
+    assert meta[0]["report"]["rows"] == meta[1]["report"]["rows"]  # every score and error
 
 
 # Hessians of the same windows, on argv[1] ranks' shares or alone; prints H's bytes' hash and whether float64 sums
@@ -164,7 +161,7 @@ def test_two_ranks_measure_the_perplexity_of_one(tiny_model_dir, tmp_path):
     assert [r.returncode for r in one + two] == [0, 0, 0], [r.stderr[-2000:] for r in one + two]
     ppl = [json.loads((tmp_path / f"{n}.json").read_text())["results"]["ppl"] for n in ("one", "two")]
     assert ppl[1]["tokens"] == ppl[0]["tokens"] == 8 * 63
-    assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-9)
+    assert ppl[1]["perplexity"] == ppl[0]["perplexity"]  # every window's NLL summed exactly over the ranks
 
 
 # Evaluates the model on layerwise's offline lm-eval tasks (in a group when argv[2] says so) and prints the results
@@ -334,8 +331,9 @@ print(json.dumps({"damage": scores.module_damage, "calibration": scores.calibrat
 
 @pytest.mark.parametrize("split", ["windows", "options"])
 def test_sensitivity_split_by_windows_or_by_options_measures_the_damages_of_one_process(tiny_model_dir, split):
-    """Sharing the windows (sums over ranks) or the option runs (each run measured by one rank), 2 ranks measure
-    every damage that one process does, to float64 rounding of the sums' order."""
+    """Sharing the windows (Fisher vectors as compensated sums, damages summed exactly over the ranks' windows)
+    or the option runs (each run measured by one rank), 2 ranks measure every damage that one process does, to
+    the last bit."""
     script = textwrap.dedent(SPLIT_RUNNER)
     one = launch([[tiny_model_dir, "alone"]], script=script)
     two = launch([[tiny_model_dir, split]] * 2, script=script)
@@ -347,8 +345,7 @@ def test_sensitivity_split_by_windows_or_by_options_measures_the_damages_of_one_
     alone, ranks = alone["damage"], [r["damage"] for r in ranks]
     flat = [(d, u, o) for d, layer in enumerate(alone) for u, by_option in layer.items() for o in by_option]
     assert len(flat) == 4 * 4 * 2  # 4 layers; q/k/v, o, gate/up and down; both options
-    for d, u, o in flat:
-        assert ranks[0][d][u][o] == pytest.approx(alone[d][u][o], rel=1e-5), (d, u, o)
+    assert [(d, u, o) for d, u, o in flat if ranks[0][d][u][o] != alone[d][u][o]] == []
 
 
 # Scores the model with every scorer that reads activations, in one pass, alone or on the ranks' shares of the
