@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             run(args)
+        dist.leave()  # after the block: a rank that left its group would count as the main one there
     except LayerwiseError as exc:
         if dist.claim_error():  # every rank may refuse the same input: one line for the group
             print(f"layerwise: error: {dist.where()}{exc}", file=sys.stderr)

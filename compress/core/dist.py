@@ -99,7 +99,23 @@ def init_from_environment(device: torch.device | None = None) -> Ranks | None:
     if cuda:
         kwargs["device_id"] = device
     dist.init_process_group(backend, **kwargs)
+    global _joined_here
+    _joined_here = True
     return ranks()
+
+
+# Whether `init_from_environment` started this process's group (not a caller of `layerwise.compress`).
+_joined_here = False
+
+
+def leave() -> None:
+    """Leave the group `init_from_environment` joined, as a finished program should: a gloo process that exits
+    still in its group can abort in its teardown ("terminate called without an active exception", seen on
+    one rank of a test). A group a caller started is theirs to leave."""
+    global _joined_here
+    if _joined_here and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined_here = False
 
 
 def local_device(device: torch.device) -> torch.device:

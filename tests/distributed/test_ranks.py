@@ -41,7 +41,10 @@ if fault and rank == int(fault.split(":")[0]):
         return original(step, modules)
 
     applier.collect_hessians = collect_hessians
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+import torch.distributed
+assert code != 0 or not torch.distributed.is_initialized(), "a finished command left its process group"
+sys.exit(code)
 """
 
 
@@ -60,6 +63,7 @@ torch.distributed.init_process_group("gloo")
 result = layerwise.compress(sys.argv[1], 3.25, options="2:32,3:32,4:32,8:32", method="gptq", calib="pydoc",
                             calib_windows=8, calib_len=32, out=sys.argv[2], progress=False)
 print(result.plan.avg_bits, [a.bits for a in result.plan.layers])
+torch.distributed.destroy_process_group()
 """
 
 
@@ -130,6 +134,8 @@ zero = torch.zeros(width, width, dtype=torch.float64)
 plain = dist.sum_in_order(sum((products[w] for w in dist.share(9)), zero))
 alone = sum(products, zero)
 print(hashlib.sha256(acc.hessian.numpy().tobytes()).hexdigest(), acc.n_tokens, torch.equal(plain, alone))
+if sys.argv[1] != "alone":
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -181,6 +187,8 @@ HFLM.loglikelihood = loglikelihood
 result = evaluate(sys.argv[1], "wiki_mc,wiki_ppl", limit=6, progress=False)
 results = {task: {k: v for k, v in entry.items() if k != "seconds"} for task, entry in result.results.items()}
 print(json.dumps({"requests": sum(counted), "results": results}))
+if sys.argv[2] == "group":
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -295,6 +303,7 @@ local = apply.quantize_modules(jobs)
 same = all(torch.equal(a, b) for x, y in zip(dealt, local)
            for a, b in zip(x.state_dict().values(), y.state_dict().values()))
 print(same, dealt[5] is dealt[1], mine, sorted(str(w.message) for w in shown))
+torch.distributed.destroy_process_group()
 """
 
 
@@ -326,6 +335,8 @@ options = {"options": "2:32,4:32", "method": "gptq", "damage_windows": 4, "granu
 scores = score_model(model, ["sensitivity"], windows, calibration={"corpus": "random"},
                      scorer_options={"sensitivity": options}, progress=False)["sensitivity"]
 print(json.dumps({"damage": scores.module_damage, "calibration": scores.calibration}))
+if sys.argv[2] != "alone":
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -372,6 +383,8 @@ ppl = made[0]
 measured["ppl_drop_losses"] = [ppl.base_nll, ppl.first_round_nll, ppl.step_nll, ppl.order]
 print(json.dumps(measured, sort_keys=True))
 print("sharded" if ppl.sharded else "whole")
+if sys.argv[2] != "alone":
+    torch.distributed.destroy_process_group()
 """
 
 
