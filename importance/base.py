@@ -64,6 +64,11 @@ class LayerScorer:
         another way for this model."""
         return self.shares_windows
 
+    def leading_windows(self, n: int) -> int:
+        """How many of the windows this pass reads hold the first `n` of the whole set: `n` alone, this rank's
+        part of them when the pass is sharded (windows are dealt round-robin)."""
+        return dist.local_count(n) if self.sharded else n
+
     def windows_needed(self) -> int | None:
         """How many of the calibration windows this scorer reads (None: all of them).
 

