@@ -14,7 +14,9 @@ processes the speedup is bounded by the cores, not by the method: the point is t
 With ``--pairs K`` it runs one process and then ``--ranks`` ranks (split by windows), K times in turn, so that the
 machine's drift, which moved a phase by up to 17% between runs here, falls on both sides alike; it records every
 run's phases, each phase's median on both sides and in how many pairs the ranks were no slower, and whether the
-last pair's plans and weights are identical.
+last pair's plans and weights are identical. The ranks share this machine's cores, so they leave the work that
+threads split well to rank 0 on all their threads (`layerwise.core.dist.pools_threads`); ``--unpooled`` adds a
+third run to each turn whose ranks split that work too, as ranks on separate machines or GPUs do.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ DEFAULT_FLAGS = ["--bits", "3.25", "--calib-windows", "32", "--method", "gptq", 
 SPLITS = ("windows", "options")
 
 
-def run(argv: list[str], ranks: int, threads: int, out: Path, split: str | None = None) -> dict:
+def run(argv: list[str], ranks: int, threads: int, out: Path, split: str | None = None, pooled: bool = True) -> dict:
     if ranks > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), __file__,
-                   "--worker", str(split)]
+                   "--worker", str(split), "pooled" if pooled else "unpooled"]
     else:
         command = [sys.executable, "-m", "layerwise"]
     command += ["compress", *argv, "--out", str(out), "--overwrite"]
@@ -52,17 +54,22 @@ def run(argv: list[str], ranks: int, threads: int, out: Path, split: str | None 
     wall = time.perf_counter() - start
     meta = json.loads((out / "layerwise.json").read_text())
     metrics = meta["report"]["metrics"]
-    return {"ranks": ranks, "threads_per_rank": threads, "sensitivity_split": split, "command": " ".join(command[1:]),
+    return {"ranks": ranks, "threads_per_rank": threads, "sensitivity_split": split, "pooled": pooled,
+            "command": " ".join(command[1:]),
             "wall_seconds": round(wall, 1), "phase_seconds": metrics["phase_seconds"],
             "avg_bits": meta["report"]["avg_bits"]}
 
 
-def worker(split: str, argv: list[str]) -> int:
-    """One rank of a torchrun launch: the command line with the sensitivity scorer's split forced."""
+def worker(split: str, pooling: str, argv: list[str]) -> int:
+    """One rank of a torchrun launch: the command line with the sensitivity scorer's split forced, and with
+    ``unpooled`` every piece of work split among the ranks, none left to rank 0 on pooled threads."""
     import layerwise.importance.sensitivity as sensitivity
     from layerwise.cli import main as cli
+    from layerwise.core import dist
 
     sensitivity.choose_split = lambda windows, runs, world: split
+    if pooling == "unpooled":
+        dist.pools_threads = lambda device: False
     return cli(argv)
 
 
@@ -82,22 +89,30 @@ def interleaved(args: argparse.Namespace) -> None:
         one = run(args.flags, 1, args.ranks, args.out / "one-ckpt")
         ranks = run(args.flags, args.ranks, 1, args.out / "ranks-ckpt", "windows")
         pairs.append({"one_process": one, "ranks": ranks})
+        if args.unpooled:
+            pairs[-1]["unpooled"] = run(args.flags, args.ranks, 1, args.out / "unpooled-ckpt", "windows", False)
     a, b = weights(args.out / "one-ckpt"), weights(args.out / "ranks-ckpt")
     record = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "flags": args.flags,
               "phases": phase_summary(pairs),
               "plan_identical": plan_of(args.out / "one-ckpt") == plan_of(args.out / "ranks-ckpt"),
               "byte_identical_weights": all(torch.equal(a[k], b[k]) for k in a), "pairs": pairs}
+    if args.unpooled:
+        c = weights(args.out / "unpooled-ckpt")
+        record["unpooled_phases"] = phase_summary(pairs, "unpooled")
+        record["unpooled_plan_identical"] = plan_of(args.out / "one-ckpt") == plan_of(args.out / "unpooled-ckpt")
+        record["unpooled_byte_identical_weights"] = all(torch.equal(a[k], c[k]) for k in a)
     print(json.dumps(record, indent=1))
     (args.out / f"interleaved-{args.ranks}{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def phase_summary(pairs: list[dict]) -> dict[str, dict]:
-    """Per phase: the median seconds of each side, and in how many pairs the ranks took no longer than the one
-    process (phase times are rounded to 0.01 s, so a tie counts as no longer)."""
+def phase_summary(pairs: list[dict], side: str = "ranks") -> dict[str, dict]:
+    """Per phase: the median seconds of the one process and of the ranks' `side` of each turn, and in how many
+    turns the ranks took no longer than the one process (phase times are rounded to 0.01 s, so a tie counts as
+    no longer)."""
     summary = {}
     for phase in pairs[0]["one_process"]["phase_seconds"]:
         one = [p["one_process"]["phase_seconds"][phase] for p in pairs]
-        ranks = [p["ranks"]["phase_seconds"][phase] for p in pairs]
+        ranks = [p[side]["phase_seconds"][phase] for p in pairs]
         summary[phase] = {"one_process_median": statistics.median(one), "ranks_median": statistics.median(ranks),
                           "ranks_no_slower": sum(r <= o for o, r in zip(one, ranks, strict=True)),
                           "pairs": len(pairs)}
@@ -113,6 +128,8 @@ def main() -> None:
                         help="instead: this many pairs of one process and --ranks ranks (split by windows), run in "
                              "turn so that the machine's drift falls on both; writes interleaved-RANKS[NAME].json")
     parser.add_argument("--name", default="", help="suffix of the --pairs record's file name, e.g. -early")
+    parser.add_argument("--unpooled", action="store_true",
+                        help="with --pairs: a third run each turn, the ranks splitting the work they share otherwise")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs:
@@ -134,6 +151,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:  # a rank started by `run`: --worker SPLIT COMMAND...
-        sys.exit(worker(sys.argv[2], sys.argv[3:]))
+    if sys.argv[1:2] == ["--worker"]:  # a rank started by `run`: --worker SPLIT POOLING COMMAND...
+        sys.exit(worker(sys.argv[2], sys.argv[3], sys.argv[4:]))
     main()

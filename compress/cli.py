@@ -578,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         print("layerwise: interrupted; nothing was written under the output name", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
+        if isinstance(exc, dist.MainFailed):  # rank 0 failed in work it did for the group, and says why
+            return EXIT_USAGE if exc.refused else EXIT_FAILED
         if dist.is_peer_failure(exc):  # the rank that failed said why; a killed one could not
             if not dist.error_reported():
                 print(f"layerwise: error: {dist.where()}another process of the group stopped without a message "

@@ -6,7 +6,15 @@ Importing this package registers every built-in quantizer; a new method is one m
 
 from layerwise.core.bitstream import PackFormat, pack, unpack
 from layerwise.quant import bnb  # noqa: F401  (registers nf4 and int8)
-from layerwise.quant.apply import linear_weight, quantize_module, quantize_modules, relative_error, squared_norm
+from layerwise.quant.apply import (
+    empty_quantized,
+    linear_weight,
+    quantize_module,
+    quantize_modules,
+    relative_error,
+    squared_norm,
+    stored_tensors,
+)
 from layerwise.quant.gptaq import GptaqQuantizer, quantize_gptaq, quantize_gptaq_shared
 from layerwise.quant.gptq import (
     GptqQuantizer,
@@ -28,6 +36,8 @@ from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import RtnQuantizer, group_params, quantize_codes, quantize_rtn
 
 __all__ = [
+    "empty_quantized",
+    "stored_tensors",
     "GRID_SEARCHES",
     "QUANTIZERS",
     "AsymmetricHessian",

@@ -72,8 +72,9 @@ def quantize_modules(
     among the ranks by their cost (`dist.deal`); each rank does its share, then every result is sent from its
     rank to the others (`dist.broadcast_from_owners`). A sweep is done whole by one rank, so each result is
     the one a single process computes. RTN is dealt too: repeated on each of 2 CPU ranks it made the default
-    model's quantize phase 2.8 times one process's, dealt 1.4 times (docs/RESULTS.md). Alone, or without
-    `across_ranks`, every job runs here.
+    model's quantize phase 2.8 times one process's, dealt 1.4 times (docs/RESULTS.md). When the ranks share one
+    machine's cores (`dist.pools_threads`), jobs that read no Hessian are instead done by rank 0 with every
+    rank's threads, then the sweeps are dealt. Alone, or without `across_ranks`, every job runs here.
     """
     jobs = [(module, spec.fit(_check_linear(module).shape[1]), hessian) for module, spec, hessian in jobs]
     results: list[QuantLinear | None] = [None] * len(jobs)
@@ -96,23 +97,48 @@ def quantize_modules(
                 batches[key] = []
                 units.append(batches[key])
             batches[key].append(index)
-    group = dist.ranks() if across_ranks else None
-    owners = _owners(units, jobs) if group is not None else [0] * len(units)
-    with dist.warnings_shared() if group is not None else nullcontext():
-        for unit, owner in zip(units, owners, strict=True):
-            if group is None or owner == group.rank:
-                _quantize_unit(jobs, unit, results)
-            else:  # filled by its owner below
-                for i in unit:
-                    results[i] = _empty_like(jobs[i][0], jobs[i][1])
-    if group is not None:
-        sent = [(t, owner) for unit, owner in zip(units, owners, strict=True)
-                for i in unit for t in _stored(results[i])]  # type: ignore[arg-type]
-        dist.broadcast_from_owners([t for t, _ in sent], [o for _, o in sent])
+    if not across_ranks or dist.is_alone():
+        for unit in units:
+            _quantize_unit(jobs, unit, results)
+    elif jobs and dist.pools_threads(_check_linear(jobs[0][0]).device):
+        # Rank 0 first does what threads split well (RTN), with every rank's threads; then the sweeps are dealt.
+        light = [u for u in units if not _reads_hessian(jobs, u)]
+        sweeps = [u for u in units if _reads_hessian(jobs, u)]
+        with dist.warnings_shared():
+            _quantize_dealt(jobs, light, [0] * len(light), results, pooled=True)
+            _quantize_dealt(jobs, sweeps, _owners(sweeps, jobs), results)
+    else:
+        with dist.warnings_shared():
+            _quantize_dealt(jobs, units, _owners(units, jobs), results)
     for index, original in repeats.items():
         results[index] = results[original]
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def _quantize_dealt(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
+                    units: list[list[int]], owners: list[int], results: list[QuantLinear | None],
+                    pooled: bool = False) -> None:
+    """Each unit quantized by its owner (with every local rank's threads when `pooled`), then sent from it to
+    the other ranks."""
+    rank = dist.ranks().rank  # type: ignore[union-attr]
+    with dist.pooled_threads() if pooled and rank in owners else nullcontext():
+        for unit, owner in zip(units, owners, strict=True):
+            if owner == rank:
+                _quantize_unit(jobs, unit, results)
+            else:  # filled by its owner below
+                for i in unit:
+                    results[i] = empty_quantized(jobs[i][0], jobs[i][1])
+    sent = [(t, owner) for unit, owner in zip(units, owners, strict=True)
+            for i in unit for t in stored_tensors(results[i])]  # type: ignore[arg-type]
+    dist.broadcast_from_owners([t for t, _ in sent], [o for _, o in sent])
+
+
+def _reads_hessian(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
+                   unit: list[int]) -> bool:
+    """Whether the unit is quantized from a Hessian (GPTQ's column steps), which threads barely speed up."""
+    _, spec, hessian = jobs[unit[0]]
+    return needs_hessian(spec) and hessian is not None
 
 
 def _quantize_unit(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],
@@ -142,8 +168,7 @@ def _unit_cost(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricH
                unit: list[int]) -> float:
     """A unit's work up to a constant factor: a GPTQ sweep's (`_sweep_cost`), or a weight's elements for a
     quantizer that reads no Hessian."""
-    _, spec, hessian = jobs[unit[0]]
-    if needs_hessian(spec) and hessian is not None:
+    if _reads_hessian(jobs, unit):
         return _sweep_cost([jobs[i][0] for i in unit])
     return float(sum(linear_weight(jobs[i][0]).numel() for i in unit))
 
@@ -156,9 +181,9 @@ def _sweep_cost(modules: list[nn.Module]) -> float:
     return float(in_features ** 3 + rows * in_features ** 2)
 
 
-def _empty_like(module: nn.Module, spec: QuantSpec) -> QuantLinear:
+def empty_quantized(module: nn.Module, spec: QuantSpec) -> QuantLinear:
     """The `QuantLinear` that quantizing `module` with `spec` gives, its stored tensors not yet filled (another
-    rank computes them) and its bias copied from `module`."""
+    rank computes them, `stored_tensors`) and its bias copied from `module`."""
     weight = linear_weight(module)
     bias = getattr(module, "bias", None)
     qlinear = QuantLinear(weight.shape[1], weight.shape[0], spec, bias=bias is not None,
@@ -169,8 +194,8 @@ def _empty_like(module: nn.Module, spec: QuantSpec) -> QuantLinear:
     return qlinear
 
 
-def _stored(qlinear: QuantLinear) -> list[torch.Tensor]:
-    """The tensors a quantizer computed (the bias is the module's own)."""
+def stored_tensors(qlinear: QuantLinear) -> list[torch.Tensor]:
+    """The tensors a quantizer computed (the bias is the module's own): what ranks send each other."""
     return [t for t in (qlinear.qweight, qlinear.scales, qlinear.zeros) if t is not None]
 
 

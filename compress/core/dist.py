@@ -19,6 +19,13 @@ Windows are dealt round-robin (rank r gets windows r, r + N, ...), so the first 
 are the first k / N of each share: a scorer that reads a leading subset reads the same windows on N ranks
 as on one.
 
+Ranks that run on one machine's CPU share its cores (`pools_threads`). Work that one process's threads
+already split well (RTN, planning) gains nothing from being split among them, and pays their messages: it is
+done instead by rank 0 alone with every local rank's threads (`on_main`, `pooled_threads`) while the others
+wait idle, and its result is sent to them. The forwards stay split by windows (measured faster than pooled),
+GPTQ's sweeps stay dealt (threads barely speed up their column steps), and on GPUs or across machines
+everything is split.
+
 Without an initialised process group (or with one process) every function here is the identity.
 """
 
@@ -28,16 +35,20 @@ import hashlib
 import json
 import math
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from layerwise.core.errors import LayerwiseError
+
+T = TypeVar("T")
 
 # Environment variables torchrun sets for every worker.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -57,9 +68,14 @@ class Ranks:
         return self.rank == 0
 
 
+# Whether this process is doing work of the group by itself (`on_main`): inside, it runs as if alone.
+_alone_for_now = False
+
+
 def ranks() -> Ranks | None:
-    """The group this process runs in, or None when it runs alone (no group, or a group of one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """The group this process runs in, or None when it runs alone (no group, a group of one, or work that rank 0
+    does for the group by itself, `on_main`)."""
+    if _alone_for_now or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return Ranks(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
@@ -363,6 +379,110 @@ def where() -> str:
     """``rank R: `` inside a group of several processes, else nothing: the prefix of this rank's messages."""
     group = ranks()
     return "" if group is None else f"rank {group.rank}: "
+
+
+# `local_ranks`'s count for the group it was taken in, when it had to ask every rank.
+_local_count: tuple[Any, int] | None = None
+
+
+def local_ranks() -> int:
+    """How many ranks of the group run on this machine, this one included (1 alone): torchrun's
+    LOCAL_WORLD_SIZE, else counted from every rank's host name, once per group (every rank must ask the first
+    time)."""
+    global _local_count
+    group = ranks()
+    if group is None:
+        return 1
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    world = dist.distributed_c10d._get_default_group()
+    if _local_count is None or _local_count[0] is not world:
+        hosts: list[Any] = [None] * group.world
+        dist.all_gather_object(hosts, socket.gethostname())
+        _local_count = (world, hosts.count(socket.gethostname()))
+    return _local_count[1]
+
+
+def pools_threads(device: torch.device) -> bool:
+    """Whether work on `device` that threads split well (RTN, planning) is better done by rank 0 with every rank's
+    threads than split among the ranks: when every rank of the group runs on this machine's CPU, so that the
+    ranks share its cores. On the default model, 2 such ranks of one thread each took 1.6 times one process's
+    time (2 threads) to quantize with RTN dealt among them, 1.0 to 1.3 times with rank 0 doing it on both
+    threads (docs/RESULTS.md). Every rank gets the same answer."""
+    group = ranks()
+    return group is not None and device.type == "cpu" and group.backend == "gloo" and local_ranks() == group.world
+
+
+@contextmanager
+def pooled_threads() -> Iterator[None]:
+    """Run the block with the torch threads of every rank on this machine (`local_ranks` times this rank's, at
+    most the cores this process may use), for work this rank does while the others wait idle; a rank blocked
+    in a collective uses no core (measured: 0.002 s of CPU in 0.7 s of waiting). Every rank must have called
+    `pools_threads` (or `local_ranks`) before, so that this rank knows the count without asking the others."""
+    saved = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or saved)
+    torch.set_num_threads(max(saved, min(saved * local_ranks(), cores)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+# How long a rank waits on the group's store between checks that rank 0 is still there (`on_main`).
+MAIN_WAIT = timedelta(minutes=10)
+_on_main_calls = 0
+
+
+class MainFailed(dist.DistError):
+    """Raised on the other ranks when the work rank 0 was doing for the group (`on_main`) raised there: rank 0
+    reports the error itself. `refused`: it was a `LayerwiseError` (bad input), not a failure."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """`work()`, done by rank 0 alone with every local rank's threads (`pooled_threads`), and its result (any
+    picklable object) on every rank; the other ranks do not call `work` and wait idle.
+
+    Inside `work`, rank 0 runs as if alone (`ranks()` is None), so that its sums, shards and dealing are one
+    process's and the result has the bits of one process. The others wait on the group's store rather than in
+    a collective, so that work longer than the group's timeout (30 minutes by default) does not end the run.
+    If `work` raises, they raise `MainFailed`; if rank 0 dies, they see the store go and fail like any rank
+    whose peer stopped. Alone, it is `work()`."""
+    global _alone_for_now, _on_main_calls
+    group = ranks()
+    if group is None:
+        return work()
+    _on_main_calls += 1
+    key = f"layerwise/on_main/{_on_main_calls}"
+    store = dist.distributed_c10d._get_default_store()
+    local_ranks()  # on every rank: `pooled_threads` reads the count
+    if group.main:
+        try:
+            with pooled_threads():
+                _alone_for_now = True
+                result = work()
+        except BaseException as exc:
+            store.set(key, f"{int(isinstance(exc, LayerwiseError))}{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            _alone_for_now = False
+        store.set(key, "")
+        result = from_main(result)
+        store.delete_key(key)  # every rank has read it: from_main is a collective
+        return result
+    while True:
+        try:
+            store.wait([key], MAIN_WAIT)
+            break
+        except dist.DistStoreError:  # a timeout: rank 0 is still working (a lost store raises DistNetworkError)
+            continue
+    failure = store.get(key).decode()
+    if failure:
+        raise MainFailed(f"rank 0 failed: {failure[1:]}", refused=failure[0] == "1")
+    return from_main(None)
 
 
 def barrier() -> None:

@@ -4,6 +4,7 @@ the `QuantLinear` its action asks for."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -17,11 +18,14 @@ from layerwise.model.driver import LayerStep, LayerWeights, each_layer, stream_l
 from layerwise.model.placement import Placement, oom_as_error
 from layerwise.quant import (
     QUANTIZERS,
+    QuantLinear,
     SharedInputHessians,
     dense_weights,
+    empty_quantized,
     quantize_modules,
     relative_error,
     squared_norm,
+    stored_tensors,
 )
 from layerwise.quant.gptq import checked_hessians
 from layerwise.quant.hessian import AsymmetricHessian
@@ -248,6 +252,24 @@ def apply_plan(
     return outcomes
 
 
+def send_quantized_layers(model: nn.Module, plan: Plan, outcomes: list[LayerOutcome]) -> None:
+    """After rank 0 quantized `model` by `plan` alone (`apply_plan` in `dist.on_main`), give the other ranks,
+    whose layers are still float, the same quantized layers: each makes the empty `QuantLinear`s of every layer's
+    `outcomes` (their specs), ties them as `apply_plan` does, and receives their stored tensors from rank 0, one
+    message per layer."""
+    main = dist.is_main()
+    for index, (layer, outcome) in enumerate(zip(decoder_layers(model), outcomes, strict=True)):
+        names = [name for name, spec in outcome.specs.items() if spec is not None]
+        if not main:
+            modules = linear_modules(layer)
+            for name in names:
+                set_submodule(layer, name, empty_quantized(modules[name], outcome.specs[name]))  # type: ignore[arg-type]
+            if names:
+                retie(model, plan, index)
+        tensors = [t for m in layer.modules() if isinstance(m, QuantLinear) for t in stored_tensors(m)]
+        dist.broadcast_from_owners(tensors, [0] * len(tensors))
+
+
 def _fitted(spec: QuantSpec | None, module: nn.Module) -> QuantSpec | None:
     """The spec with the group size the module really gets (`QuantSpec.fit`), so the outcome records it."""
     return None if spec is None else spec.fit(linear_shape(module)[1])
@@ -292,16 +314,19 @@ def _quantize_layer_across_ranks(
     hessians: dict[str, torch.Tensor | AsymmetricHessian],
 ) -> tuple[dict[str, float], dict[str, float]]:
     """`_quantize_layer` in a process group: the layer's quantizations dealt among the ranks in one call, then
-    each module's error and ||W||^2 measured by one rank (dealt by size) and sent to the others."""
+    each module's error and ||W||^2 measured by one rank (dealt by size, or all by rank 0 with every rank's
+    threads when the ranks share one machine's cores) and sent to the others."""
     names = list(modules)
     quantized = quantize_modules([(modules[n], specs[n], hessians.pop(n, None)) for n in names],  # type: ignore[misc]
                                  across_ranks=True)
     weights = [linear_weight(modules.pop(n)).detach() for n in names]
-    owners = dist.deal([float(w.numel()) for w in weights])
+    pooled = bool(weights) and dist.pools_threads(weights[0].device)
+    owners = [0] * len(weights) if pooled else dist.deal([float(w.numel()) for w in weights])
     rank = dist.ranks().rank  # type: ignore[union-attr]
-    measured = [torch.tensor([relative_error(w, q), squared_norm(w)] if owner == rank else [0.0, 0.0],
-                             dtype=torch.float64)
-                for w, q, owner in zip(weights, quantized, owners, strict=True)]
+    with dist.pooled_threads() if pooled and rank == 0 else nullcontext():
+        measured = [torch.tensor([relative_error(w, q), squared_norm(w)] if owner == rank else [0.0, 0.0],
+                                 dtype=torch.float64)
+                    for w, q, owner in zip(weights, quantized, owners, strict=True)]
     dist.broadcast_from_owners(measured, owners)
     for name, qlinear in zip(names, quantized, strict=True):
         set_submodule(layer, name, qlinear)

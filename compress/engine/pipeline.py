@@ -28,7 +28,16 @@ from layerwise.core import dist
 from layerwise.core.budget import average_bits, n_weights
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.progress import PhaseClock
-from layerwise.core.types import LayerAction, LayerScores, LinearShapes, Plan, module_units, parse_options, unit_name
+from layerwise.core.types import (
+    LayerAction,
+    LayerOutcome,
+    LayerScores,
+    LinearShapes,
+    Plan,
+    module_units,
+    parse_options,
+    unit_name,
+)
 from layerwise.data.corpora import calibration_windows
 from layerwise.engine.applier import (
     apply_plan,
@@ -37,6 +46,7 @@ from layerwise.engine.applier import (
     plan_needs_calibration,
     plan_needs_reference,
     resolve_methods,
+    send_quantized_layers,
 )
 from layerwise.engine.recipe import Recipe
 from layerwise.engine.sinks import MemorySink, WorkDirSink
@@ -450,7 +460,13 @@ def _plan(state: _Run) -> tuple[Plan, Plan]:
         bits = recipe.bits
         if bits is not None and structure_plan.structural:
             bits = _free_budget(recipe, bits, state.shapes, free_shapes)
-        quantized = _fill(compacted, _make_plan(recipe, state.scores.subset(free, free_shapes), bits))
+        scores = state.scores.subset(free, free_shapes)
+        # Ranks that share the cores would each plan at once and slow each other down: rank 0 plans for all.
+        def planned() -> Plan:
+            return _make_plan(recipe, scores, bits)
+
+        shared = dist.pools_threads(state.device or torch.device("cpu"))
+        quantized = _fill(compacted, dist.on_main(planned) if shared else planned())
     plan = structure_plan.expand(quantized)
     plan.target_bits = recipe.bits if recipe.scoring else None
     plan.avg_bits = average_bits(plan.layers, state.shapes)
@@ -498,6 +514,14 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
     if resumed.first < n_layers:
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = True
+        if (not calibrated and resumed.first == 0 and isinstance(source, ResidentSource)
+                and dist.pools_threads(state.device or torch.device("cpu"))):
+            # Ranks that share the cores: rank 0 quantizes every layer on all their threads, then sends them.
+            done = dist.on_main(lambda: apply_plan(
+                source.model, quantized, recipe.method, progress=progress, grid=recipe.grid, placement=state.placement,
+                on_layer=sink.on_layer(layers_path(source.model), n_layers, calibrated)))
+            send_quantized_layers(source.model, quantized, done)
+            return _renumbered(sink.outcomes(done, n_layers), plan)
         windows = dist.shard(state.windows) if calibrated and state.windows is not None else None
         if resumed.replay:
             assert windows is not None and isinstance(source, StreamedSource) and isinstance(sink, WorkDirSink)
@@ -510,9 +534,13 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
                           placement=state.placement, reference_hidden=resumed.reference, grid=recipe.grid)
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = False
-    outcomes = sink.outcomes(done, n_layers)
+    return _renumbered(sink.outcomes(done, n_layers), plan)
+
+
+def _renumbered(outcomes: list[LayerOutcome], plan: Plan) -> list[LayerOutcome]:
+    """`outcomes` of the restructured model's layers, in the original model's numbering (for the report)."""
     kept = plan.kept_layers()
-    for outcome in outcomes:  # report in the original model's numbering
+    for outcome in outcomes:
         outcome.layer = kept[outcome.layer]
     return outcomes
 

@@ -16,3 +16,10 @@ def test_phase_summary_takes_medians_and_counts_pairs_where_ranks_are_no_slower(
     summary = load_benchmark("distributed").phase_summary(pairs)
     assert summary["load"] == {"one_process_median": 1.0, "ranks_median": 1.1, "ranks_no_slower": 2, "pairs": 3}
     assert summary["score"] == {"one_process_median": 11.0, "ranks_median": 9.0, "ranks_no_slower": 2, "pairs": 3}
+
+
+def test_phase_summary_of_the_unpooled_runs_compares_them_with_the_one_process():
+    pairs = [{**_pair({"score": 10.0}, {"score": 10.0}), "unpooled": {"phase_seconds": {"score": 11.0}}},
+             {**_pair({"score": 12.0}, {"score": 12.5}), "unpooled": {"phase_seconds": {"score": 11.5}}}]
+    summary = load_benchmark("distributed").phase_summary(pairs, "unpooled")
+    assert summary["score"] == {"one_process_median": 11.0, "ranks_median": 11.25, "ranks_no_slower": 1, "pairs": 2}

@@ -23,24 +23,31 @@ from layerwise.model.adapter import decoder_layers, linear_modules
 CALIB = ["--calib", "pydoc", "--calib-windows", "8", "--calib-len", "32"]
 COMPRESS = ["--bits", "3.25", "--options", "2:32,3:32,4:32,8:32", "--method", "gptq", *CALIB]
 LIM_RTN = ["--bits", "3.25", "--scorer", "lim", "--method", "rtn", "--group-size", "32", *CALIB]
-# Runs layerwise's command line after an optional fault set up on one rank (see `launch`).
+# RTN after tying one layer to another and removing one (the tiny models have 4 layers).
+TIED_RTN = ["--bits", "3.25", "--scorer", "lim", "--planner", "lwq", "--method", "rtn", "--group-size", "32",
+            "--tie", "1", "--prune", "1", *CALIB]
+# Runs layerwise's command line after an optional fault set up on one rank (see `launch`): RANK:ACTION[:rtn], the
+# rank raising or killed at layer 2 while collecting GPTQ's Hessians or, with ":rtn", at its third call to quantize
+# modules (layer 1 of a llama) with RTN.
 RUNNER = """
 import os, signal, sys
 from layerwise.cli import main
 import layerwise.engine.applier as applier
 rank, fault = int(os.environ["RANK"]), os.environ.get("FAULT_RANK_ACTION", "")
 if fault and rank == int(fault.split(":")[0]):
-    action = fault.split(":")[1]
-    original = applier.collect_hessians
+    action, rtn, calls = fault.split(":")[1], fault.endswith(":rtn"), []
+    name = "quantize_modules" if rtn else "collect_hessians"
+    original = getattr(applier, name)
 
-    def collect_hessians(step, modules):
-        if step.index == 2:
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if (len(calls) == 3) if rtn else args[0].index == 2:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure")
-        return original(step, modules)
+        return original(*args, **kwargs)
 
-    applier.collect_hessians = collect_hessians
+    setattr(applier, name, failing)
 code = main(sys.argv[1:])
 import torch.distributed
 assert code != 0 or not torch.distributed.is_initialized(), "a finished command left its process group"
@@ -54,15 +61,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# `layerwise.compress` called in a process group the caller initialised.
+# `layerwise.compress` called in a process group the caller initialised, with GPTQ ("gptq") or with RTN after tying
+# and pruning ("tied-rtn"); prints the plan and a hash of every tensor of the model it returned.
 API_RUNNER = """
-import sys
+import hashlib, sys
 import torch.distributed
 import layerwise
 torch.distributed.init_process_group("gloo")
-result = layerwise.compress(sys.argv[1], 3.25, options="2:32,3:32,4:32,8:32", method="gptq", calib="pydoc",
-                            calib_windows=8, calib_len=32, out=sys.argv[2], progress=False)
-print(result.plan.avg_bits, [a.bits for a in result.plan.layers])
+flags = (dict(options="2:32,3:32,4:32,8:32", method="gptq") if sys.argv[3] == "gptq" else
+         dict(scorer="lim", planner="lwq", method="rtn", group_size=32, tie=1, prune=1))
+result = layerwise.compress(sys.argv[1], 3.25, calib="pydoc", calib_windows=8, calib_len=32, out=sys.argv[2],
+                            progress=False, **flags)
+digest = hashlib.sha256()
+for name, tensor in result.model.state_dict().items():
+    digest.update(name.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+print(result.plan.avg_bits, [a.bits for a in result.plan.layers], [a.action for a in result.plan.layers],
+      digest.hexdigest())
 torch.distributed.destroy_process_group()
 """
 
@@ -96,10 +110,11 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
             for name, module in linear_modules(layer).items()}
 
 
-@pytest.mark.parametrize("flags", [COMPRESS, LIM_RTN], ids=["sensitivity-gptq", "lim-rtn"])
+@pytest.mark.parametrize("flags", [COMPRESS, LIM_RTN, TIED_RTN], ids=["sensitivity-gptq", "lim-rtn", "tied-rtn"])
 def test_two_ranks_write_the_checkpoint_of_one(tiny_model_dir, tmp_path, flags):
     """Calibration windows dealt over 2 gloo ranks of one thread, Hessians and Fisher vectors summed order-free,
-    damages and LIM's cosines summed exactly over the ranks' windows, quantizations and their errors dealt: the
+    damages and LIM's cosines summed exactly over the ranks' windows, GPTQ's sweeps dealt; the plan and the RTN
+    quantization done by rank 0 on both ranks' threads (the ranks share this machine's cores) and sent: the
     plan of one process on 2 threads, its weights byte for byte and every score and error in its report to the
     last bit, written once by rank 0, printed once."""
     one = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "one"]],
@@ -153,10 +168,15 @@ def test_hessians_summed_over_ranks_have_the_bits_of_one_process():
         assert printed == {(digest, tokens, "False")}, (world, printed)
 
 
-def test_compress_inside_a_group_the_caller_started(tiny_model_dir, tmp_path):
-    results = launch([[tiny_model_dir, tmp_path / "out"]] * 2, script=textwrap.dedent(API_RUNNER))
+@pytest.mark.parametrize("method", ["gptq", "tied-rtn"])
+def test_compress_inside_a_group_the_caller_started(tiny_model_dir, tmp_path, method):
+    """Every rank returns the same plan and the same quantized model, whether the ranks dealt the work (GPTQ) or
+    rank 0 quantized every layer and sent them (RTN, the ranks sharing this machine's cores), ties included."""
+    results = launch([[tiny_model_dir, tmp_path / "out", method]] * 2, script=textwrap.dedent(API_RUNNER))
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     assert results[0].stdout == results[1].stdout != ""  # every rank holds the same result
+    if method == "tied-rtn":
+        assert "'tie'" in results[0].stdout and "'prune'" in results[0].stdout
     assert (tmp_path / "out" / "layerwise.json").is_file()
 
 
@@ -228,20 +248,35 @@ def test_fewer_windows_than_ranks_are_refused_once(tiny_model_dir, tmp_path):
     assert "1 windows cannot be shared by 2 processes; give at least 2 (--calib-windows)" in lines[0]
 
 
-@pytest.mark.parametrize("action", ["raise", "kill"])
-def test_a_failing_rank_ends_the_run_in_one_line(tiny_model_dir, tmp_path, action):
-    """Rank 1 raises (or is killed) at layer 2: the group stops, one line says what happened, and nothing is
-    left under --out."""
-    results = launch([["compress", tiny_model_dir, *COMPRESS, "--out", tmp_path / "out"]] * 2,
-                     fault=f"1:{action}")
+@pytest.mark.parametrize(("fault", "flags", "line"), [
+    ("1:raise", COMPRESS, "rank 1: RuntimeError: injected failure"),
+    ("1:kill", COMPRESS, "rank 0: another process of the group stopped without a message"),
+    ("0:raise:rtn", LIM_RTN, "rank 0: RuntimeError: injected failure"),
+    ("0:kill:rtn", LIM_RTN, "rank 1: another process of the group stopped without a message"),
+], ids=["rank-1-raises", "rank-1-killed", "rank-0-raises-for-both", "rank-0-killed-for-both"])
+def test_a_failing_rank_ends_the_run_in_one_line(tiny_model_dir, tmp_path, fault, flags, line):
+    """A rank raises (or is killed) while the ranks quantize with GPTQ, rank 1 at layer 2; or rank 0 in layer 1
+    while it quantizes with RTN for both ranks (they share this machine's cores) and rank 1 waits: the group
+    stops, one line says what happened, and nothing is left under --out."""
+    results = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "out"]] * 2, fault=fault)
     assert all(r.returncode != 0 for r in results)
     lines = errors(results)
     assert len(lines) == 1, [r.stderr[-2000:] for r in results]
-    if action == "raise":
-        assert lines[0] == "layerwise: error: rank 1: RuntimeError: injected failure"
-    else:
-        assert lines[0].startswith("layerwise: error: rank 0: another process of the group stopped without a message")
+    assert lines[0].startswith(f"layerwise: error: {line}"), lines
+    if "raise" in fault:
+        assert lines[0] == f"layerwise: error: {line}"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_refusal_in_work_rank_0_does_for_the_group_is_said_once_as_a_refusal(tiny_model_dir, tmp_path):
+    """The optimal planner refuses a group size given to it while rank 0 plans for both ranks: one line, and
+    every rank exits as after bad input (2), not as after a failure."""
+    flags = [flag for flag in TIED_RTN if flag not in ("--planner", "lwq")]
+    results = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "out"]] * 2)
+    assert [r.returncode for r in results] == [2, 2], [r.stderr[-2000:] for r in results]
+    assert errors(results) == ["layerwise: error: rank 0: planner 'optimal' does not take group_size (it takes: bits, "
+                               "options, granularity, method)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_ranks_resume_after_a_rank_is_killed(tiny_model_dir, tmp_path):
@@ -270,14 +305,19 @@ def test_streamed_ranks_resume_after_a_rank_is_killed(tiny_model_dir, tmp_path):
 
 
 # Each rank quantizes the same jobs with GPTQ's sweeps dealt among the ranks, then alone, and prints whether every
-# stored tensor agrees, how many sweeps it did itself, and the warnings it was shown.
+# stored tensor agrees, how many units it quantized itself, the warnings it was shown and the threads its RTN
+# jobs ran on. argv[1]: "pooled" lets the ranks pool their threads (they share this machine's cores), "dealt"
+# makes them deal every unit as ranks on separate machines would.
 DEALT_RUNNER = """
-import warnings
+import sys, warnings
 import torch, torch.distributed
 from torch import nn
+from layerwise.core import dist
 from layerwise.core.types import QuantSpec
 import layerwise.quant.apply as apply
 torch.distributed.init_process_group("gloo")
+if sys.argv[1] == "dealt":
+    dist.pools_threads = lambda device: False
 torch.manual_seed(0)
 def hessian(width):
     x = torch.randn(256, width)
@@ -287,12 +327,14 @@ q, k, o = nn.Linear(32, 24), nn.Linear(32, 8), nn.Linear(48, 32, bias=False)
 jobs = [(q, QuantSpec(4, 16, "gptq"), shared), (k, QuantSpec(4, 16, "gptq"), shared),
         (o, QuantSpec(3, 16, "gptq"), alone), (o, QuantSpec(2, 16, "gptq"), alone),
         (q, QuantSpec(4, 16, "rtn"), None), (k, QuantSpec(4, 16, "gptq"), shared)]
-done = []
+done, rtn_threads = [], []
 plain = apply._quantize_unit
 def counted(jobs, unit, results):
     done.append(unit)
     if jobs[unit[0]][1].method == "gptq":
         warnings.warn(f"sweep of {len(unit)} on rank {torch.distributed.get_rank()}")
+    else:
+        rtn_threads.append(torch.get_num_threads())
     plain(jobs, unit, results)
 apply._quantize_unit = counted
 with warnings.catch_warnings(record=True) as shown:
@@ -302,22 +344,27 @@ mine = len(done)
 local = apply.quantize_modules(jobs)
 same = all(torch.equal(a, b) for x, y in zip(dealt, local)
            for a, b in zip(x.state_dict().values(), y.state_dict().values()))
-print(same, dealt[5] is dealt[1], mine, sorted(str(w.message) for w in shown))
+print(same, dealt[5] is dealt[1], mine, rtn_threads, "|", sorted(str(w.message) for w in shown))
 torch.distributed.destroy_process_group()
 """
 
 
-def test_quantizations_are_dealt_among_ranks_and_sent_back():
-    """The GPTQ sweeps (q/k together, o at 3 and at 2 bits together) and the RTN job are done by one rank each,
-    dealt by cost (o's sweep to rank 0, q/k's and the small RTN job to rank 1), and every rank ends with the
-    results of one process, byte for byte; warnings from either rank's sweeps are raised on every rank."""
-    results = launch([[]] * 2, script=textwrap.dedent(DEALT_RUNNER))
+@pytest.mark.parametrize(("mode", "units", "rtn_threads"), [("dealt", [1, 2], [[1], [1, 1]]),
+                                                             ("pooled", [2, 1], [[2, 1], [1]])])
+def test_quantizations_are_dealt_among_ranks_and_sent_back(mode, units, rtn_threads):
+    """The GPTQ sweeps (q/k together, o at 3 and at 2 bits together) are done by one rank each, dealt by cost
+    (o's sweep to rank 0, q/k's to rank 1). The RTN job is dealt too (to rank 1, the least loaded) on ranks
+    that do not share cores; ranks that share them leave it to rank 0, which runs it on both ranks' threads.
+    Every rank ends with the results of one process, byte for byte; warnings from either rank's sweeps are
+    raised on every rank."""
+    results = launch([[mode]] * 2, script=textwrap.dedent(DEALT_RUNNER))
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
-    printed = [r.stdout.strip() for r in results]
-    expected_warnings = "['sweep of 2 on rank 0', 'sweep of 2 on rank 1']"
-    assert {p.split(" ", 3)[3] for p in printed} == {expected_warnings}, printed
-    assert all(p.startswith("True True ") for p in printed), printed
-    assert [int(p.split(" ", 3)[2]) for p in printed] == [1, 2], printed  # units quantized by ranks 0 and 1
+    printed = [r.stdout.strip().split(" | ") for r in results]
+    assert {p[1] for p in printed} == {"['sweep of 2 on rank 0', 'sweep of 2 on rank 1']"}, printed
+    assert all(p[0].startswith("True True ") for p in printed), printed
+    assert [int(p[0].split(" ", 3)[2]) for p in printed] == units, printed  # units quantized by ranks 0 and 1
+    # The RTN job's threads where it was quantized with the ranks, then alone (one thread each).
+    assert [json.loads(p[0].split(" ", 3)[3]) for p in printed] == rtn_threads, printed
 
 
 # Scores the model with the sensitivity scorer (GPTQ options, per module) split as argv[2] says ("alone": no group)
@@ -456,6 +503,11 @@ def test_alone_every_helper_is_the_identity():
     t = torch.randn(3)
     assert dist.sum_in_order(t) is t and dist.sum_floats([1.5]) == [1.5] and dist.shard(t) is t
     assert dist.deal([2.0, 1.0]) == [0, 0]
+    assert dist.on_main(lambda: "done here") == "done here" and dist.local_ranks() == 1
+    assert not dist.pools_threads(torch.device("cpu"))
+    threads = torch.get_num_threads()
+    with dist.pooled_threads():
+        assert torch.get_num_threads() == threads
     dist.agree("anything", {"a": 1})  # nothing to compare against
 
 
