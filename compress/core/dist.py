@@ -407,7 +407,7 @@ def pools_threads(device: torch.device) -> bool:
     """Whether work on `device` that threads split well (RTN, planning) is better done by rank 0 with every rank's
     threads than split among the ranks: when every rank of the group runs on this machine's CPU, so that the
     ranks share its cores. On the default model, 2 such ranks of one thread each took 1.6 times one process's
-    time (2 threads) to quantize with RTN dealt among them, 1.0 to 1.3 times with rank 0 doing it on both
+    time (2 threads) to quantize with RTN dealt among them, 0.98 to 1.3 times with rank 0 doing it on both
     threads (docs/RESULTS.md). Every rank gets the same answer."""
     group = ranks()
     return group is not None and device.type == "cpu" and group.backend == "gloo" and local_ranks() == group.world
