@@ -58,7 +58,7 @@ from layerwise.model.adapter import decoder_layers, layer_linear_shapes, layers_
 from layerwise.model.device import resolve_device, resolve_dtype
 from layerwise.model.placement import Placement, placement_for
 from layerwise.output.report import Report, build_report
-from layerwise.planning.planners import PLANNERS, check_planner_accepts, make_plan, uniform_plan
+from layerwise.planning.planners import PLANNERS, check_planner_accepts, check_planner_takes, make_plan, uniform_plan
 from layerwise.planning.structure import plan_structure
 from layerwise.quant import QUANTIZERS
 from layerwise.quant.registry import method_needs_hessian, needs_hessian
@@ -117,6 +117,8 @@ def resolve(recipe: Recipe) -> Recipe:
     planner_cls = PLANNERS.get(planner)
     if recipe.scoring:
         check_planner_accepts(planner_cls, scorer_cls)
+        # Here, not only when planning: after a structural change that is after every score is measured.
+        check_planner_takes(planner_cls, [name for name, _ in recipe.planner_args])
     resolved = replace(recipe, planner=planner)
     if "options" in planner_cls.arguments() and recipe.arg("options") is None:
         resolved = resolved.with_args(options=GGUF_OPTIONS if recipe.target == "gguf" else DEFAULT_OPTIONS)

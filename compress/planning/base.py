@@ -56,6 +56,16 @@ class Planner(ABC):
 PLANNERS: Registry[type[Planner]] = Registry("planner")
 
 
+def check_planner_takes(planner_cls: type[Planner], names: list[str]) -> None:
+    """Refuse, in one line, arguments (by name) that the planner does not take."""
+    takes = planner_cls.arguments()
+    unknown = [name for name in names if name not in takes]
+    if unknown:
+        raise LayerwiseError(
+            f"planner {planner_cls.name!r} does not take {', '.join(unknown)} (it takes: {', '.join(takes)})"
+        )
+
+
 def planner_config(planner_cls: type[Planner], **given: Any) -> Any:
     """`planner_cls.Config` built from the arguments given, refusing the ones the planner does not take.
 
@@ -63,12 +73,7 @@ def planner_config(planner_cls: type[Planner], **given: Any) -> Any:
     (``"2:128,4:128"``), a list of option strings, or QuantSpecs; text gets `method` (default ``rtn``)
     as the method of options that name none.
     """
-    takes = planner_cls.arguments()
-    unknown = [name for name in given if name not in takes]
-    if unknown:
-        raise LayerwiseError(
-            f"planner {planner_cls.name!r} does not take {', '.join(unknown)} (it takes: {', '.join(takes)})"
-        )
+    check_planner_takes(planner_cls, list(given))
     names = {f.name for f in fields(planner_cls.Config)}
     values = {name: value for name, value in given.items() if name in names}
     options = values.get("options")

@@ -18,11 +18,12 @@ from typing import ClassVar
 from layerwise.core.budget import average_bits
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import LayerAction, LayerScores, LinearShapes, Plan, QuantSpec
-from layerwise.planning.base import PLANNERS, Planner, check_planner_accepts, planner_config
+from layerwise.planning.base import PLANNERS, Planner, check_planner_accepts, check_planner_takes, planner_config
 from layerwise.planning.optimal import OptimalConfig, OptimalPlanner
 
 __all__ = [
     "PLANNERS", "LwqConfig", "LwqPlanner", "OptimalConfig", "OptimalPlanner", "Planner", "check_planner_accepts",
+    "check_planner_takes",
     "layer_order", "make_plan", "planner_config", "uniform_plan",
 ]
 

@@ -181,3 +181,18 @@ def test_bad_structural_input_is_refused(argv, message, tiny_model_dir, tmp_path
     assert message in err
     assert err.startswith("layerwise: error:") and err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp.iterdir()) == before
+
+
+def test_a_planner_argument_is_refused_before_the_structure_is_scored(monkeypatch):
+    """A setting the planner does not take (group_size for `optimal`, the planner of the sensitivity scores that
+    allocate the layers left after pruning) is refused before any scorer runs, not after the structure and the
+    layers are scored."""
+    import layerwise.engine.pipeline as pipeline
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a scorer ran before the refusal")
+
+    monkeypatch.setattr(pipeline, "score_model", no_scoring)
+    with pytest.raises(LayerwiseError, match=r"planner 'optimal' does not take group_size \(it takes: bits"):
+        layerwise.compress(tiny_model("llama", n_layers=5), 3.25, prune=1, prune_scorer="lim", method="rtn",
+                           group_size=32, calib=random_windows(3, 16), progress=False)

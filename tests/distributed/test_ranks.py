@@ -26,28 +26,32 @@ LIM_RTN = ["--bits", "3.25", "--scorer", "lim", "--method", "rtn", "--group-size
 # RTN after tying one layer to another and removing one (the tiny models have 4 layers).
 TIED_RTN = ["--bits", "3.25", "--scorer", "lim", "--planner", "lwq", "--method", "rtn", "--group-size", "32",
             "--tie", "1", "--prune", "1", *CALIB]
-# Runs layerwise's command line after an optional fault set up on one rank (see `launch`): RANK:ACTION[:rtn], the
-# rank raising or killed at layer 2 while collecting GPTQ's Hessians or, with ":rtn", at its third call to quantize
-# modules (layer 1 of a llama) with RTN.
+# Runs layerwise's command line after an optional fault set up on one rank (see `launch`): RANK:ACTION[:WHERE], the
+# rank raising (ACTION raise), refusing (refuse: a LayerwiseError) or killed (kill) at layer 2 while collecting
+# GPTQ's Hessians; with ":rtn" at its third call to quantize modules with RTN (one module at a time: still in
+# layer 0); with ":plan" when it plans for the ranks (its second plan: the first checks the budget).
 RUNNER = """
 import os, signal, sys
 from layerwise.cli import main
+from layerwise.core.errors import LayerwiseError
 import layerwise.engine.applier as applier
+import layerwise.engine.pipeline as pipeline
 rank, fault = int(os.environ["RANK"]), os.environ.get("FAULT_RANK_ACTION", "")
 if fault and rank == int(fault.split(":")[0]):
-    action, rtn, calls = fault.split(":")[1], fault.endswith(":rtn"), []
-    name = "quantize_modules" if rtn else "collect_hessians"
-    original = getattr(applier, name)
+    action, where, calls = fault.split(":")[1], (fault.split(":") + [""])[2], []
+    module, name, nth = {"rtn": (applier, "quantize_modules", 3), "plan": (pipeline, "_make_plan", 2)}.get(
+        where, (applier, "collect_hessians", 0))
+    original = getattr(module, name)
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if (len(calls) == 3) if rtn else args[0].index == 2:
+        if len(calls) == nth if nth else args[0].index == 2:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError("injected failure")
+            raise LayerwiseError("injected refusal") if action == "refuse" else RuntimeError("injected failure")
         return original(*args, **kwargs)
 
-    setattr(applier, name, failing)
+    setattr(module, name, failing)
 code = main(sys.argv[1:])
 import torch.distributed
 assert code != 0 or not torch.distributed.is_initialized(), "a finished command left its process group"
@@ -255,8 +259,8 @@ def test_fewer_windows_than_ranks_are_refused_once(tiny_model_dir, tmp_path):
     ("0:kill:rtn", LIM_RTN, "rank 1: another process of the group stopped without a message"),
 ], ids=["rank-1-raises", "rank-1-killed", "rank-0-raises-for-both", "rank-0-killed-for-both"])
 def test_a_failing_rank_ends_the_run_in_one_line(tiny_model_dir, tmp_path, fault, flags, line):
-    """A rank raises (or is killed) while the ranks quantize with GPTQ, rank 1 at layer 2; or rank 0 in layer 1
-    while it quantizes with RTN for both ranks (they share this machine's cores) and rank 1 waits: the group
+    """A rank raises (or is killed) while the ranks quantize with GPTQ, rank 1 at layer 2; or rank 0 at its third
+    module while it quantizes with RTN for both ranks (they share this machine's cores) and rank 1 waits: the group
     stops, one line says what happened, and nothing is left under --out."""
     results = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "out"]] * 2, fault=fault)
     assert all(r.returncode != 0 for r in results)
@@ -269,13 +273,11 @@ def test_a_failing_rank_ends_the_run_in_one_line(tiny_model_dir, tmp_path, fault
 
 
 def test_a_refusal_in_work_rank_0_does_for_the_group_is_said_once_as_a_refusal(tiny_model_dir, tmp_path):
-    """The optimal planner refuses a group size given to it while rank 0 plans for both ranks: one line, and
-    every rank exits as after bad input (2), not as after a failure."""
-    flags = [flag for flag in TIED_RTN if flag not in ("--planner", "lwq")]
-    results = launch([["compress", tiny_model_dir, *flags, "--out", tmp_path / "out"]] * 2)
+    """Rank 0 refuses the input while it plans for both ranks: one line, and every rank exits as after bad
+    input (2), not as after a failure."""
+    results = launch([["compress", tiny_model_dir, *LIM_RTN, "--out", tmp_path / "out"]] * 2, fault="0:refuse:plan")
     assert [r.returncode for r in results] == [2, 2], [r.stderr[-2000:] for r in results]
-    assert errors(results) == ["layerwise: error: rank 0: planner 'optimal' does not take group_size (it takes: bits, "
-                               "options, granularity, method)"]
+    assert errors(results) == ["layerwise: error: rank 0: injected refusal"]
     assert not (tmp_path / "out").exists()
 
 
