@@ -36,8 +36,6 @@ from layerwise.quant.registry import QUANTIZERS, Quantizer
 from layerwise.quant.rtn import RtnQuantizer, group_params, quantize_codes, quantize_rtn
 
 __all__ = [
-    "empty_quantized",
-    "stored_tensors",
     "GRID_SEARCHES",
     "QUANTIZERS",
     "AsymmetricHessian",
@@ -53,6 +51,7 @@ __all__ = [
     "RtnQuantizer",
     "SharedInputHessians",
     "dense_weights",
+    "empty_quantized",
     "grid_params",
     "group_error",
     "group_params",
@@ -71,5 +70,6 @@ __all__ = [
     "quantize_rtn",
     "relative_error",
     "squared_norm",
+    "stored_tensors",
     "unpack",
 ]

@@ -467,8 +467,7 @@ def _plan(state: _Run) -> tuple[Plan, Plan]:
         def planned() -> Plan:
             return _make_plan(recipe, scores, bits)
 
-        shared = dist.pools_threads(state.device or torch.device("cpu"))
-        quantized = _fill(compacted, dist.on_main(planned) if shared else planned())
+        quantized = _fill(compacted, dist.on_main(planned) if _ranks_share_cores(state) else planned())
     plan = structure_plan.expand(quantized)
     plan.target_bits = recipe.bits if recipe.scoring else None
     plan.avg_bits = average_bits(plan.layers, state.shapes)
@@ -516,8 +515,7 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
     if resumed.first < n_layers:
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = True
-        if (not calibrated and resumed.first == 0 and isinstance(source, ResidentSource)
-                and dist.pools_threads(state.device or torch.device("cpu"))):
+        if not calibrated and resumed.first == 0 and isinstance(source, ResidentSource) and _ranks_share_cores(state):
             # Ranks that share the cores: rank 0 quantizes every layer on all their threads, then sends them.
             done = dist.on_main(lambda: apply_plan(
                 source.model, quantized, recipe.method, progress=progress, grid=recipe.grid, placement=state.placement,
@@ -537,6 +535,12 @@ def _quantize(state: _Run, plan: Plan, quantized: Plan, progress: bool):
         if isinstance(source, StreamedSource):
             source.streamed.quantizing = False
     return _renumbered(sink.outcomes(done, n_layers), plan)
+
+
+def _ranks_share_cores(state: _Run) -> bool:
+    """Whether this run's ranks share one machine's cores, so that rank 0 does alone, on all their threads, the
+    work threads split well (`dist.pools_threads`)."""
+    return dist.pools_threads(state.device or torch.device("cpu"))
 
 
 def _renumbered(outcomes: list[LayerOutcome], plan: Plan) -> list[LayerOutcome]:
