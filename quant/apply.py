@@ -7,8 +7,6 @@ Hugging Face models use two linear layouts: `nn.Linear` (weight stored (out, in)
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
@@ -121,17 +119,19 @@ def _quantize_dealt(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | Asymme
                     pooled: bool = False) -> None:
     """Each unit quantized by its owner (with every local rank's threads when `pooled`), then sent from it to
     the other ranks."""
-    rank = dist.ranks().rank  # type: ignore[union-attr]
-    with dist.pooled_threads() if pooled and rank in owners else nullcontext():
-        for unit, owner in zip(units, owners, strict=True):
-            if owner == rank:
-                _quantize_unit(jobs, unit, results)
-            else:  # filled by its owner below
-                for i in unit:
-                    results[i] = empty_quantized(jobs[i][0], jobs[i][1])
-    sent = [(t, owner) for unit, owner in zip(units, owners, strict=True)
-            for i in unit for t in stored_tensors(results[i])]  # type: ignore[arg-type]
-    dist.broadcast_from_owners([t for t, _ in sent], [o for _, o in sent])
+    def stored(u: int) -> list[torch.Tensor]:
+        return [t for i in units[u] for t in stored_tensors(results[i])]  # type: ignore[arg-type]
+
+    def quantized(u: int) -> list[torch.Tensor]:
+        _quantize_unit(jobs, units[u], results)
+        return stored(u)
+
+    def awaited(u: int) -> list[torch.Tensor]:
+        for i in units[u]:
+            results[i] = empty_quantized(jobs[i][0], jobs[i][1])
+        return stored(u)
+
+    dist.from_owners(owners, quantized, awaited, pooled=pooled)
 
 
 def _reads_hessian(jobs: list[tuple[nn.Module, QuantSpec, torch.Tensor | AsymmetricHessian | None]],

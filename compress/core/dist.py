@@ -38,7 +38,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -283,6 +283,22 @@ def broadcast_from_owners(tensors: list[torch.Tensor], owners: list[int]) -> Non
                 size = t.numel() * t.element_size()
                 t.copy_(message[offset:offset + size].view(t.dtype).reshape(t.shape))
                 offset += size
+
+
+def from_owners(owners: list[int], work: Callable[[int], list[torch.Tensor]],
+                placeholders: Callable[[int], list[torch.Tensor]], *, pooled: bool = False) -> list[list[torch.Tensor]]:
+    """Each job's tensors on every rank: job i is done by its owner, `owners[i]` (`work(i)`), while the other
+    ranks make `placeholders(i)` (the same shapes and dtypes), filled from the owner (`broadcast_from_owners`).
+    `pooled`: the owners do their jobs with every local rank's threads (`pooled_threads`), for work given to
+    rank 0 alone while the others wait. Alone, `work(i)` for every job."""
+    group = ranks()
+    if group is None:
+        return [work(i) for i in range(len(owners))]
+    with pooled_threads() if pooled and group.rank in owners else nullcontext():
+        parts = [work(i) if owner == group.rank else placeholders(i) for i, owner in enumerate(owners)]
+    broadcast_from_owners([t for part in parts for t in part],
+                          [owner for part, owner in zip(parts, owners, strict=True) for _ in part])
+    return parts
 
 
 @contextmanager

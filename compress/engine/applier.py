@@ -4,7 +4,6 @@ the `QuantLinear` its action asks for."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -322,12 +321,12 @@ def _quantize_layer_across_ranks(
     weights = [linear_weight(modules.pop(n)).detach() for n in names]
     pooled = bool(weights) and dist.pools_threads(weights[0].device)
     owners = [0] * len(weights) if pooled else dist.deal([float(w.numel()) for w in weights])
-    rank = dist.ranks().rank  # type: ignore[union-attr]
-    with dist.pooled_threads() if pooled and rank == 0 else nullcontext():
-        measured = [torch.tensor([relative_error(w, q), squared_norm(w)] if owner == rank else [0.0, 0.0],
-                                 dtype=torch.float64)
-                    for w, q, owner in zip(weights, quantized, owners, strict=True)]
-    dist.broadcast_from_owners(measured, owners)
+
+    def measure(i: int) -> list[torch.Tensor]:
+        return [torch.tensor([relative_error(weights[i], quantized[i]), squared_norm(weights[i])], dtype=torch.float64)]
+
+    measured = [m for m, in dist.from_owners(owners, measure, lambda i: [torch.zeros(2, dtype=torch.float64)],
+                                             pooled=pooled)]
     for name, qlinear in zip(names, quantized, strict=True):
         set_submodule(layer, name, qlinear)
     return ({n: float(m[0]) for n, m in zip(names, measured, strict=True)},

@@ -505,6 +505,7 @@ def test_alone_every_helper_is_the_identity():
     t = torch.randn(3)
     assert dist.sum_in_order(t) is t and dist.sum_floats([1.5]) == [1.5] and dist.shard(t) is t
     assert dist.deal([2.0, 1.0]) == [0, 0]
+    assert dist.from_owners([0, 0], lambda i: [t + i], lambda i: [torch.zeros(3)])[1][0].equal(t + 1)
     assert dist.on_main(lambda: "done here") == "done here" and dist.local_ranks() == 1
     assert not dist.pools_threads(torch.device("cpu"))
     threads = torch.get_num_threads()
