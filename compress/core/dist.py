@@ -238,10 +238,8 @@ def exact_sums(rows: list[list[float]], width: int, across_ranks: bool = True) -
     `across_ranks`: each sum exact, then rounded once (`math.fsum`), so the same rows give the same bits in any
     order and however they are split among ranks. Every rank gets the sums; the rows travel as one gathered
     object (a few numbers per window)."""
-    if across_ranks and ranks() is not None:
-        seen: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, rows)
-        rows = [row for part in seen for row in part]
+    if across_ranks:
+        rows = [row for part in gather_all(rows) for row in part]
     return [math.fsum(row[i] for row in rows) for i in range(width)]
 
 
@@ -315,9 +313,7 @@ def warnings_shared() -> Iterator[None]:
         warnings.simplefilter("always")
         yield
     mine = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
-    seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
-    for message, category, filename, lineno in (w for part in seen for w in part):
+    for message, category, filename, lineno in (w for part in gather_all(mine) for w in part):
         warnings.warn_explicit(message, category, filename, lineno)
 
 
@@ -334,6 +330,15 @@ def gather_along_first(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def gather_all(value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank; ``[value]`` alone."""
+    if ranks() is None:
+        return [value]
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, value)
+    return seen
+
+
 def from_main(value: Any) -> Any:
     """Rank 0's `value` (any picklable object), on every rank."""
     if ranks() is None:
@@ -348,9 +353,7 @@ def agree(what: str, value: Any) -> None:
     group = ranks()
     if group is None:
         return
-    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-    seen: list[str | None] = [None] * group.world
-    dist.all_gather_object(seen, digest)
+    seen = gather_all(hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest())
     differ = [r for r, d in enumerate(seen) if d != seen[0]]
     if differ:
         raise LayerwiseError(f"ranks {', '.join(map(str, differ))} were given other {what} than rank 0; start "
@@ -413,9 +416,7 @@ def local_ranks() -> int:
         return int(os.environ["LOCAL_WORLD_SIZE"])
     world = dist.distributed_c10d._get_default_group()
     if _local_count is None or _local_count[0] is not world:
-        hosts: list[Any] = [None] * group.world
-        dist.all_gather_object(hosts, socket.gethostname())
-        _local_count = (world, hosts.count(socket.gethostname()))
+        _local_count = (world, gather_all(socket.gethostname()).count(socket.gethostname()))
     return _local_count[1]
 
 

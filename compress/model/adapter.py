@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from layerwise.core import dist
 from layerwise.core.errors import LayerwiseError
 from layerwise.core.types import ATTENTION_NAMES as _ATTENTION_NAMES
 from layerwise.core.types import LinearShapes
@@ -139,8 +140,16 @@ def check_finite_weights(model: nn.Module, name: str | None = None) -> None:
     first bad layer is NaN, and the importance scores and measured damage are meaningless, so the run
     would only fail (or, worse, write a NaN checkpoint) after its expensive part. Repairing the weights
     (zeroing them, say) is a modelling decision that belongs to the user, not to a compressor.
+
+    In a process group every rank must call it: each reads the tensors dealt to it (`dist.deal`, by size),
+    and every rank refuses what any of them found, with one process's message.
     """
-    bad = nonfinite_tensors(model.named_parameters())
+    params = list(model.named_parameters())
+    here = group.rank if (group := dist.ranks()) is not None else 0
+    owners = dist.deal([float(tensor.numel()) for _, tensor in params])
+    mine = [(i, found) for i, (named, owner) in enumerate(zip(params, owners, strict=True)) if owner == here
+            for found in nonfinite_tensors([named])]
+    bad = [found for _, found in sorted(item for part in dist.gather_all(mine) for item in part)]
     if bad:
         what = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         raise LayerwiseError(nonfinite_message(what, bad))

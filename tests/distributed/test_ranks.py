@@ -500,6 +500,49 @@ def test_the_weights_digest_tells_other_weights_apart(arch):
     assert weights_digest(tiny_model(arch, seed=1)) != weights_digest(model)
 
 
+# Checks a tiny llama with NaN and Inf in four tensors for non-finite weights, alone and then in the group,
+# and prints what the group's check said and which tensors this rank read.
+FINITE_RUNNER = """
+import json, torch, torch.distributed
+from layerwise.core.errors import LayerwiseError
+from layerwise.model import adapter
+from layerwise.model.adapter import check_finite_weights
+from tests.conftest import tiny_model
+model = tiny_model("llama", n_layers=4)
+bad = ["self_attn.q_proj", "mlp.down_proj", "self_attn.v_proj", "mlp.up_proj"]
+with torch.no_grad():
+    for i, name in enumerate(bad):
+        model.get_parameter(f"model.layers.{i}.{name}.weight")[1, : i + 1] = float("nan") if i % 2 else float("inf")
+def said(model):
+    try:
+        check_finite_weights(model, "tiny")
+    except LayerwiseError as exc:
+        return str(exc)
+alone = said(model)
+torch.distributed.init_process_group("gloo")
+read = []
+plain = adapter.nonfinite_tensors
+def recorded(tensors):
+    tensors = list(tensors)
+    read.extend(name for name, _ in tensors)
+    return plain(tensors)
+adapter.nonfinite_tensors = recorded
+print(json.dumps({"alone": alone, "group": said(model), "read": read,
+                  "all": [name for name, _ in model.named_parameters()]}))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ranks_check_the_weights_for_nan_in_shares_and_refuse_as_one_process():
+    """Each rank reads its share of the tensors for NaN and Inf (together every tensor, once), and every rank
+    refuses the model with the message of one process, naming the four bad tensors in order."""
+    results = launch([[]] * 2, script=FINITE_RUNNER)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    printed = [json.loads(r.stdout) for r in results]
+    assert all(p["group"] == p["alone"] for p in printed) and printed[0]["alone"].count("weight (") == 4, printed
+    reads = [p["read"] for p in printed]
+    assert all(reads) and sorted(reads[0] + reads[1]) == sorted(printed[0]["all"]), reads
+
 def test_alone_every_helper_is_the_identity():
     assert dist.ranks() is None and dist.is_main() and dist.where() == ""
     t = torch.randn(3)
