@@ -17,6 +17,12 @@ run's phases, each phase's median on both sides and in how many pairs the ranks 
 last pair's plans and weights are identical. The ranks share this machine's cores, so they leave the work that
 threads split well to rank 0 on all their threads (`layerwise.core.dist.pools_threads`); ``--unpooled`` adds a
 third run to each turn whose ranks split that work too, as ranks on separate machines or GPUs do.
+
+Every run also records how long `apply_plan` (the quantize phase's work, on rank 0 for ranks that share the
+cores) took and the minor page faults and system CPU time of that process during it (``apply_plan`` in each
+run's record; medians in ``apply_plan_medians``). ``--malloc-fixed`` runs every process with glibc's
+thresholds fixed as ``benchmarks/thread_history.py --malloc-fixed`` does, and ``--one-arena`` with one glibc
+arena for all of a process's threads, to tell the page faults from the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from thread_history import FIXED_MALLOC  # benchmarks/, beside this script
 
 import layerwise
 from layerwise.model.adapter import decoder_layers, linear_modules
@@ -41,35 +49,59 @@ DEFAULT_FLAGS = ["--bits", "3.25", "--calib-windows", "32", "--method", "gptq", 
 SPLITS = ("windows", "options")
 
 
-def run(argv: list[str], ranks: int, threads: int, out: Path, split: str | None = None, pooled: bool = True) -> dict:
+def run(argv: list[str], ranks: int, threads: int, out: Path, split: str | None = None, pooled: bool = True,
+        malloc: dict[str, str] | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", str(split), "pooled" if pooled else "unpooled"]
     if ranks > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), __file__,
-                   "--worker", str(split), "pooled" if pooled else "unpooled"]
-    else:
-        command = [sys.executable, "-m", "layerwise"]
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
     command += ["compress", *argv, "--out", str(out), "--overwrite"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    applied = out.with_name(out.name + "-apply.json")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), APPLY_RECORD: str(applied), **(malloc or {})}
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True)
     wall = time.perf_counter() - start
     meta = json.loads((out / "layerwise.json").read_text())
     metrics = meta["report"]["metrics"]
+    apply_record = json.loads(applied.read_text())
+    applied.unlink()
     return {"ranks": ranks, "threads_per_rank": threads, "sensitivity_split": split, "pooled": pooled,
-            "command": " ".join(command[1:]),
+            "malloc": malloc or {}, "command": " ".join(command[1:]),
             "wall_seconds": round(wall, 1), "phase_seconds": metrics["phase_seconds"],
-            "avg_bits": meta["report"]["avg_bits"]}
+            "apply_plan": apply_record, "avg_bits": meta["report"]["avg_bits"]}
+
+
+# Where a worker writes how long rank 0's (or the one process's) `apply_plan` took, with its faults.
+APPLY_RECORD = "LAYERWISE_BENCH_APPLY_RECORD"
 
 
 def worker(split: str, pooling: str, argv: list[str]) -> int:
-    """One rank of a torchrun launch: the command line with the sensitivity scorer's split forced, and with
-    ``unpooled`` every piece of work split among the ranks, none left to rank 0 on pooled threads."""
+    """One process of a run: the command line with the sensitivity scorer's split forced (unless ``None``), with
+    ``unpooled`` every piece of work split among the ranks, none left to rank 0 on pooled threads, and
+    `apply_plan` measured (written by rank 0, or the one process, to the file `APPLY_RECORD` names)."""
+    import layerwise.engine.pipeline as pipeline
     import layerwise.importance.sensitivity as sensitivity
     from layerwise.cli import main as cli
     from layerwise.core import dist
 
-    sensitivity.choose_split = lambda windows, runs, world: split
+    if split != "None":
+        sensitivity.choose_split = lambda windows, runs, world: split
     if pooling == "unpooled":
         dist.pools_threads = lambda device: False
+    apply_plan = pipeline.apply_plan
+
+    def measured(*args, **kwargs):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        try:
+            return apply_plan(*args, **kwargs)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            if os.environ.get("RANK", "0") == "0":
+                Path(os.environ[APPLY_RECORD]).write_text(json.dumps({
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "minor_faults": after.ru_minflt - before.ru_minflt,
+                    "system_seconds": round(after.ru_stime - before.ru_stime, 3)}))
+
+    pipeline.apply_plan = measured
     return cli(argv)
 
 
@@ -86,14 +118,18 @@ def plan_of(path: Path) -> list:
 def interleaved(args: argparse.Namespace) -> None:
     pairs = []
     for _ in range(args.pairs):
-        one = run(args.flags, 1, args.ranks, args.out / "one-ckpt")
-        ranks = run(args.flags, args.ranks, 1, args.out / "ranks-ckpt", "windows")
+        one = run(args.flags, 1, args.ranks, args.out / "one-ckpt", malloc=args.malloc)
+        ranks = run(args.flags, args.ranks, 1, args.out / "ranks-ckpt", "windows", malloc=args.malloc)
         pairs.append({"one_process": one, "ranks": ranks})
         if args.unpooled:
-            pairs[-1]["unpooled"] = run(args.flags, args.ranks, 1, args.out / "unpooled-ckpt", "windows", False)
+            pairs[-1]["unpooled"] = run(args.flags, args.ranks, 1, args.out / "unpooled-ckpt", "windows", False,
+                                        args.malloc)
     a, b = weights(args.out / "one-ckpt"), weights(args.out / "ranks-ckpt")
     record = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "flags": args.flags,
-              "phases": phase_summary(pairs),
+              "malloc": args.malloc, "phases": phase_summary(pairs),
+              "apply_plan_medians": {side: {key: statistics.median(p[side]["apply_plan"][key] for p in pairs)
+                                            for key in ("seconds", "minor_faults", "system_seconds")}
+                                     for side in pairs[0]},
               "plan_identical": plan_of(args.out / "one-ckpt") == plan_of(args.out / "ranks-ckpt"),
               "byte_identical_weights": all(torch.equal(a[k], b[k]) for k in a), "pairs": pairs}
     if args.unpooled:
@@ -128,15 +164,21 @@ def main() -> None:
                         help="instead: this many pairs of one process and --ranks ranks (split by windows), run in "
                              "turn so that the machine's drift falls on both; writes interleaved-RANKS[NAME].json")
     parser.add_argument("--name", default="", help="suffix of the --pairs record's file name, e.g. -early")
+    parser.add_argument("--malloc-fixed", action="store_true", help="every process with glibc's thresholds fixed")
+    parser.add_argument("--one-arena", action="store_true",
+                        help="every process with one glibc arena for all its threads (MALLOC_ARENA_MAX=1)")
     parser.add_argument("--unpooled", action="store_true",
                         help="with --pairs: a third run each turn, the ranks splitting the work they share otherwise")
     args = parser.parse_args()
+    args.malloc = {**(FIXED_MALLOC if args.malloc_fixed else {}),
+                   **({"MALLOC_ARENA_MAX": "1"} if args.one_arena else {})}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs:
         interleaved(args)
         return
-    runs = [run(args.flags, 1, args.ranks, args.out / "one-ckpt")]
-    runs += [run(args.flags, args.ranks, 1, args.out / f"ranks-{split}-ckpt", split) for split in SPLITS]
+    runs = [run(args.flags, 1, args.ranks, args.out / "one-ckpt", malloc=args.malloc)]
+    runs += [run(args.flags, args.ranks, 1, args.out / f"ranks-{split}-ckpt", split, malloc=args.malloc)
+             for split in SPLITS]
     plan = plan_of(args.out / "one-ckpt")
     a = weights(args.out / "one-ckpt")
     for record, split in zip(runs[1:], SPLITS, strict=True):
