@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from thread_history import FIXED_MALLOC  # benchmarks/, beside this script
+from thread_history import FIXED_MALLOC, measuring  # benchmarks/, beside this script
 
 import layerwise
 from layerwise.model.adapter import decoder_layers, linear_modules
@@ -87,21 +86,11 @@ def worker(split: str, pooling: str, argv: list[str]) -> int:
         sensitivity.choose_split = lambda windows, runs, world: split
     if pooling == "unpooled":
         dist.pools_threads = lambda device: False
-    apply_plan = pipeline.apply_plan
+    def record(measured: dict[str, float]) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            Path(os.environ[APPLY_RECORD]).write_text(json.dumps(measured))
 
-    def measured(*args, **kwargs):
-        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        try:
-            return apply_plan(*args, **kwargs)
-        finally:
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            if os.environ.get("RANK", "0") == "0":
-                Path(os.environ[APPLY_RECORD]).write_text(json.dumps({
-                    "seconds": round(time.perf_counter() - start, 3),
-                    "minor_faults": after.ru_minflt - before.ru_minflt,
-                    "system_seconds": round(after.ru_stime - before.ru_stime, 3)}))
-
-    pipeline.apply_plan = measured
+    pipeline.apply_plan = measuring(pipeline.apply_plan, record)
     return cli(argv)
 
 

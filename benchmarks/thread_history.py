@@ -23,13 +23,31 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 DEFAULT_FLAGS = ["--bits", "3.25", "--scorer", "lim", "--method", "rtn", "--calib-windows", "32", "--rotate", "none"]
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
                 "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def measuring(apply_plan: Callable[..., Any], record: Callable[[dict[str, float]], Any]) -> Callable[..., Any]:
+    """`apply_plan` that, when it ends, gives `record` its seconds and the minor page faults and system CPU
+    seconds of this process during it."""
+    def applied(*args, **kwargs):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        try:
+            return apply_plan(*args, **kwargs)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            record({"seconds": round(time.perf_counter() - start, 3),
+                    "minor_faults": after.ru_minflt - before.ru_minflt,
+                    "system_seconds": round(after.ru_stime - before.ru_stime, 3)})
+
+    return applied
 
 
 def worker(score_threads: int, argv: list[str]) -> int:
@@ -49,17 +67,7 @@ def worker(score_threads: int, argv: list[str]) -> int:
         finally:
             torch.set_num_threads(threads)
 
-    def applied(*args, **kwargs):
-        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        try:
-            return apply_plan(*args, **kwargs)
-        finally:
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            measured.update(seconds=round(time.perf_counter() - start, 3),
-                            minor_faults=after.ru_minflt - before.ru_minflt,
-                            system_seconds=round(after.ru_stime - before.ru_stime, 3))
-
-    pipeline._score, pipeline.apply_plan = scored, applied
+    pipeline._score, pipeline.apply_plan = scored, measuring(apply_plan, measured.update)
     code = cli(argv)
     print(json.dumps(measured))
     return code

@@ -543,6 +543,7 @@ def test_ranks_check_the_weights_for_nan_in_shares_and_refuse_as_one_process():
     reads = [p["read"] for p in printed]
     assert all(reads) and sorted(reads[0] + reads[1]) == sorted(printed[0]["all"]), reads
 
+
 def test_alone_every_helper_is_the_identity():
     assert dist.ranks() is None and dist.is_main() and dist.where() == ""
     t = torch.randn(3)
